@@ -1,0 +1,1 @@
+"""The domain: aggregates, events, commands and the state machine. No I/O."""

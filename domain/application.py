@@ -1,0 +1,64 @@
+"""The event-sourced application: one event store holding every Request and Run.
+
+Which store backs it (Postgres in production, in memory in unit tests) is chosen by the
+environment the composition root passes in; nothing here does I/O by itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+from uuid import UUID
+
+from eventsourcing.application import Application
+from eventsourcing.domain import DomainEventProtocol
+
+from domain.request import Request
+from domain.run import Run
+
+EVENTS_TABLE = "forgeline_events"
+
+
+class Forgeline(Application[UUID]):
+    name = "forgeline"  # the events table is named after it: forgeline_events
+
+    def get_request(self, request_id: UUID) -> Request:
+        request: object = self.repository.get(request_id)
+        assert isinstance(request, Request)
+        return request
+
+    def get_run(self, run_id: UUID) -> Run:
+        run: object = self.repository.get(run_id)
+        assert isinstance(run, Run)
+        return run
+
+
+def event_type(event: DomainEventProtocol[Any]) -> str:
+    return type(event).__name__
+
+
+def aggregate_name(event: DomainEventProtocol[Any]) -> str:
+    """'Request' or 'Run': the aggregate class an event belongs to (its enclosing class)."""
+    return type(event).__qualname__.split(".")[0]
+
+
+_ENVELOPE_FIELDS = frozenset(
+    {"originator_id", "originator_version", "timestamp", "originator_topic"}
+)
+
+
+def event_data(event: DomainEventProtocol[Any]) -> dict[str, Any]:
+    """An event's own attributes, as JSON-ready values."""
+    return {
+        key: _jsonable(value) for key, value in vars(event).items() if key not in _ENVELOPE_FIELDS
+    }
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, UUID):
+        return str(value)
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, Iterable) and not isinstance(value, str | bytes):
+        return [_jsonable(v) for v in value]
+    return value

@@ -1,0 +1,134 @@
+"""Command models: what clients may ask for, with the limits that make a request acceptable.
+
+Frozen pydantic models, validated at the gateway and again when a handler decodes them.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from domain.agents import AGENTS, DEFAULT_AGENT
+
+MAX_PROMPT_CHARS = 100_000
+MAX_LABELS = 32
+MAX_TIMEOUT_S = 86_400
+DEFAULT_TIMEOUT_S = 3_600
+DEFAULT_PRIORITY = 3
+
+_REMOTE_URL = re.compile(r"^(https?|ssh|git)://[^\s/]+(/\S*)?$")
+_SCP_URL = re.compile(r"^[\w.-]+@[\w.-]+:\S+$")  # git@host:owner/repo.git
+_LABEL_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-/]{0,62}$")
+_REF = re.compile(r"^[^\s~^:?*\[\\]{1,255}$")
+
+
+def _check_repo(value: str) -> str:
+    value = value.strip()
+    if value.startswith("file://"):
+        if len(value) <= len("file://") or not value[len("file://") :].startswith("/"):
+            raise ValueError("a file:// URL needs an absolute path, e.g. file:///srv/repo")
+        return value
+    if value.startswith("/") or _REMOTE_URL.match(value) or _SCP_URL.match(value):
+        return value
+    raise ValueError(
+        "repo must be a git URL (https://, ssh://, git://, user@host:path), "
+        "a file:// URL or an absolute path"
+    )
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+Prompt = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
+
+
+class RequestSpec(_Frozen):
+    """The body of POST /v1/requests."""
+
+    repo: Annotated[str, Field(min_length=1, max_length=4096)]
+    ref: Annotated[str, Field(max_length=255)] | None = None
+    prompt: Prompt
+    agent: str = DEFAULT_AGENT
+    agent_options: dict[str, Any] = Field(default_factory=dict)
+    priority: Annotated[int, Field(ge=1, le=5)] = DEFAULT_PRIORITY
+    timeout_s: Annotated[int, Field(ge=1, le=MAX_TIMEOUT_S)] = DEFAULT_TIMEOUT_S
+    labels: dict[str, Annotated[str, Field(max_length=256)]] = Field(default_factory=dict)
+
+    @field_validator("repo")
+    @classmethod
+    def _repo_is_a_location(cls, value: str) -> str:
+        return _check_repo(value)
+
+    @field_validator("ref")
+    @classmethod
+    def _ref_is_a_git_name(cls, value: str | None) -> str | None:
+        if value is not None and not _REF.match(value):
+            raise ValueError("ref must be a branch, tag or commit name without spaces")
+        return value
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("prompt must not be blank")
+        return value
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_within_limits(cls, value: dict[str, str]) -> dict[str, str]:
+        if len(value) > MAX_LABELS:
+            raise ValueError(f"at most {MAX_LABELS} labels are allowed, got {len(value)}")
+        for key in value:
+            if not _LABEL_KEY.match(key):
+                raise ValueError(
+                    f"label key {key!r} must be 1-63 characters of letters, digits, '_.-/'"
+                )
+        return value
+
+    @model_validator(mode="after")
+    def _agent_and_options_known(self) -> RequestSpec:
+        agent = AGENTS.get(self.agent)
+        if agent is None:
+            raise ValueError(f"unknown agent {self.agent!r}; known: {', '.join(sorted(AGENTS))}")
+        allowed = set(agent.options_schema.get("properties", {}))
+        unknown = sorted(set(self.agent_options) - allowed)
+        if unknown:
+            raise ValueError(f"agent {self.agent!r} takes no option(s) {', '.join(unknown)}")
+        return self
+
+
+class RerunSpec(_Frozen):
+    """The body of POST /v1/requests/{id}/rerun."""
+
+    prompt: Prompt | None = None
+
+
+class SubmitRequest(_Frozen):
+    kind: Literal["submit"] = "submit"
+    command_id: str
+    request_id: UUID
+    run_id: UUID
+    spec: RequestSpec
+    idempotency_key: str | None = None
+
+
+class RerunRequest(_Frozen):
+    kind: Literal["rerun"] = "rerun"
+    command_id: str
+    request_id: UUID
+    run_id: UUID
+    prompt: Prompt | None = None
+
+
+class CancelRequest(_Frozen):
+    kind: Literal["cancel"] = "cancel"
+    command_id: str
+    request_id: UUID
+    reason: str = "cancelled by client"
+
+
+Command = Annotated[SubmitRequest | RerunRequest | CancelRequest, Field(discriminator="kind")]

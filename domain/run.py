@@ -1,0 +1,241 @@
+"""The Run aggregate: one attempt at a request, from queued to a terminal status.
+
+Every public method checks the state machine first (domain.status.ALLOWED_ACTIONS) and only
+then triggers its event, so an illegal call raises IllegalTransition and records nothing.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from eventsourcing.domain import Aggregate
+
+from domain.errors import IllegalTransition
+from domain.status import ALLOWED_ACTIONS, FailureCode, RunAction, RunStatus
+
+
+class Run(Aggregate):
+    class RunQueued(Aggregate.Created):
+        request_id: UUID
+        number: int
+        agent: str
+        prompt: str
+        timeout_s: int
+        base_run_id: UUID | None  # whose patch this run starts from (reruns); None = clean ref
+
+    class ProvisioningStarted(Aggregate.Event):
+        attempt: int
+        worker: str
+
+        def apply(self, run: Run) -> None:
+            run.status = RunStatus.PROVISIONING
+            run.attempt = self.attempt
+            run.worker = self.worker
+
+    class WorkspaceProvisioned(Aggregate.Event):
+        provisioner: str
+        base_commit: str
+
+        def apply(self, run: Run) -> None:
+            run.base_commit = self.base_commit
+            run.provisioner = self.provisioner
+
+    class RunStarted(Aggregate.Event):
+        def apply(self, run: Run) -> None:
+            run.status = RunStatus.RUNNING
+            run.started_at = self.timestamp
+
+    class PatchProduced(Aggregate.Event):
+        diff: str
+        sha256: str
+        bytes: int
+        files_changed: int
+        insertions: int
+        deletions: int
+
+        def apply(self, run: Run) -> None:
+            run.patch_sha256 = self.sha256
+            run.patch = self.diff
+
+    class RunSucceeded(Aggregate.Event):
+        exit_code: int
+        log_lines: int
+        log_sha256: str
+
+        def apply(self, run: Run) -> None:
+            run.status = RunStatus.SUCCEEDED
+            run.exit_code = self.exit_code
+            run.finished_at = self.timestamp
+
+    class RunFailed(Aggregate.Event):
+        code: str
+        message: str
+        exit_code: int | None
+        log_lines: int
+        log_sha256: str
+
+        def apply(self, run: Run) -> None:
+            run.status = RunStatus.FAILED
+            run.exit_code = self.exit_code
+            run.error = {"code": self.code, "message": self.message}
+            run.finished_at = self.timestamp
+
+    class CancelRequested(Aggregate.Event):
+        reason: str
+        command_id: str
+
+        def apply(self, run: Run) -> None:
+            run.cancel_requested = True
+
+    class RunCancelled(Aggregate.Event):
+        reason: str
+        log_lines: int
+        log_sha256: str
+
+        def apply(self, run: Run) -> None:
+            run.status = RunStatus.CANCELLED
+            run.finished_at = self.timestamp
+
+    class RunRequeued(Aggregate.Event):
+        """The worker holding the run was lost; the run waits for another attempt."""
+
+        reason: str
+
+        def apply(self, run: Run) -> None:
+            run.status = RunStatus.QUEUED
+            run.base_commit = None
+
+    def __init__(
+        self,
+        request_id: UUID,
+        number: int,
+        agent: str,
+        prompt: str,
+        timeout_s: int,
+        base_run_id: UUID | None,
+    ) -> None:
+        self.request_id = request_id
+        self.number = number
+        self.agent = agent
+        self.prompt = prompt
+        self.timeout_s = timeout_s
+        self.base_run_id = base_run_id
+        self.status = RunStatus.QUEUED
+        self.attempt = 0
+        self.worker: str | None = None
+        self.provisioner: str | None = None
+        self.base_commit: str | None = None
+        self.started_at: datetime | None = None
+        self.finished_at: datetime | None = None
+        self.exit_code: int | None = None
+        self.error: dict[str, str] | None = None
+        self.patch: str | None = None
+        self.patch_sha256: str | None = None
+        self.cancel_requested = False
+
+    @classmethod
+    def queue(
+        cls,
+        *,
+        run_id: UUID,
+        request_id: UUID,
+        number: int,
+        agent: str,
+        prompt: str,
+        timeout_s: int,
+        base_run_id: UUID | None = None,
+    ) -> Run:
+        return cls._create(
+            cls.RunQueued,
+            id=run_id,
+            request_id=request_id,
+            number=number,
+            agent=agent,
+            prompt=prompt,
+            timeout_s=timeout_s,
+            base_run_id=base_run_id,
+        )
+
+    # -- decisions -----------------------------------------------------------------------
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status.is_terminal
+
+    @property
+    def has_patch(self) -> bool:
+        return self.patch_sha256 is not None
+
+    def start_provisioning(self, worker: str) -> None:
+        self._require(RunAction.START_PROVISIONING)
+        self.trigger_event(self.ProvisioningStarted, attempt=self.attempt + 1, worker=worker)
+
+    def record_workspace(self, provisioner: str, base_commit: str) -> None:
+        self._require(RunAction.RECORD_WORKSPACE)
+        if self.base_commit is not None:
+            raise IllegalTransition("Run", self.status, "record a second workspace")
+        self.trigger_event(
+            self.WorkspaceProvisioned, provisioner=provisioner, base_commit=base_commit
+        )
+
+    def start(self) -> None:
+        self._require(RunAction.START)
+        if self.base_commit is None:
+            raise IllegalTransition("Run", self.status, "start before its workspace exists")
+        self.trigger_event(self.RunStarted)
+
+    def record_patch(self, diff: str, stats: dict[str, Any]) -> None:
+        self._require(RunAction.RECORD_PATCH)
+        if self.has_patch:
+            raise IllegalTransition("Run", self.status, "record a second patch")
+        self.trigger_event(self.PatchProduced, diff=diff, **stats)
+
+    def succeed(self, exit_code: int, log_lines: int = 0, log_sha256: str = "") -> None:
+        self._require(RunAction.SUCCEED)
+        self.trigger_event(
+            self.RunSucceeded, exit_code=exit_code, log_lines=log_lines, log_sha256=log_sha256
+        )
+
+    def fail(
+        self,
+        code: FailureCode,
+        message: str,
+        *,
+        exit_code: int | None = None,
+        log_lines: int = 0,
+        log_sha256: str = "",
+    ) -> None:
+        self._require(RunAction.FAIL)
+        self.trigger_event(
+            self.RunFailed,
+            code=code.value,
+            message=message,
+            exit_code=exit_code,
+            log_lines=log_lines,
+            log_sha256=log_sha256,
+        )
+
+    def request_cancel(self, reason: str, command_id: str) -> None:
+        """Asks the run to stop; a run no worker holds yet is cancelled at once."""
+        self._require(RunAction.REQUEST_CANCEL)
+        if self.cancel_requested:
+            return  # asked already: a second ask changes nothing
+        self.trigger_event(self.CancelRequested, reason=reason, command_id=command_id)
+        if self.status is RunStatus.QUEUED:
+            self.cancel(reason)
+
+    def cancel(self, reason: str, log_lines: int = 0, log_sha256: str = "") -> None:
+        self._require(RunAction.CANCEL)
+        self.trigger_event(
+            self.RunCancelled, reason=reason, log_lines=log_lines, log_sha256=log_sha256
+        )
+
+    def requeue(self, reason: str) -> None:
+        self._require(RunAction.REQUEUE)
+        self.trigger_event(self.RunRequeued, reason=reason)
+
+    def _require(self, action: RunAction) -> None:
+        if action not in ALLOWED_ACTIONS[self.status]:
+            raise IllegalTransition("Run", self.status, action.value)
