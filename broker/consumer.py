@@ -1,0 +1,90 @@
+"""Pull consumers with manual acknowledgement: ack after the work is committed, never before.
+
+A handler that raises gets its message back after a delay (nak), up to max_deliver times;
+a message that cannot be decoded is terminated at once, since retrying cannot help it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+log = logging.getLogger(__name__)
+
+
+class Undeliverable(Exception):
+    """Raised by a handler for a message no retry can help (bad payload)."""
+
+
+def durable_config(
+    durable: str,
+    filter_subjects: list[str],
+    *,
+    ack_wait_s: float = 30.0,
+    max_deliver: int = 10,
+    max_ack_pending: int = 1_000,
+) -> ConsumerConfig:
+    config = ConsumerConfig(
+        durable_name=durable,
+        ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_wait=ack_wait_s,
+        max_deliver=max_deliver,
+        max_ack_pending=max_ack_pending,
+    )
+    if len(filter_subjects) == 1:
+        config.filter_subject = filter_subjects[0]
+    else:
+        config.filter_subjects = filter_subjects
+    return config
+
+
+Handler = Callable[[Msg], Awaitable[None]]
+
+
+async def consume(
+    js: JetStreamContext,
+    stream: str,
+    config: ConsumerConfig,
+    handle: Handler,
+    stop: asyncio.Event,
+    *,
+    batch: int = 1,
+    retry_delay_s: float = 1.0,
+) -> None:
+    """Fetches and handles messages one at a time, in stream order, until stop is set."""
+    await js.add_consumer(stream, config)  # creates it, or updates it to the declared config
+    sub = await js.pull_subscribe_bind(durable=config.durable_name or "", stream=stream)
+    try:
+        while not stop.is_set():
+            try:
+                msgs = await sub.fetch(batch, timeout=1.0)
+            except (TimeoutError, NatsTimeoutError):
+                continue
+            except Exception:
+                log.exception("fetch from %s failed; retrying", stream)
+                await asyncio.sleep(retry_delay_s)
+                continue
+            for msg in msgs:
+                await handle_one(msg, handle, retry_delay_s=retry_delay_s)
+    finally:
+        await sub.unsubscribe()
+
+
+async def handle_one(msg: Msg, handle: Handler, *, retry_delay_s: float) -> None:
+    try:
+        await handle(msg)
+    except Undeliverable as exc:
+        log.error("terminating undeliverable message on %s: %s", msg.subject, exc)
+        await msg.term()
+    except Exception:
+        log.exception("handler failed on %s; will be redelivered", msg.subject)
+        await msg.nak(delay=retry_delay_s)
+    else:
+        await msg.ack_sync()

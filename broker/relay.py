@@ -1,0 +1,114 @@
+"""The relay: publishes every stored event, in store order, to FORGELINE_EVENTS.
+
+Postgres is the outbox. Each event is published with Nats-Msg-Id = its store position, so a
+publish retried inside the dedupe window is stored once. Beyond the window, exactly-once comes
+from the relay's tracked position: the larger of the one it saved in the FORGELINE_RELAY bucket
+and the position of the last message the stream holds, so a crash between publishing and
+saving the position never republishes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Sequence
+
+import anyio
+from eventsourcing.persistence import Notification
+from nats.js import JetStreamContext
+from nats.js.errors import KeyNotFoundError, NotFoundError
+
+from broker import envelope, subjects
+from domain.application import Forgeline, aggregate_name, event_type
+
+log = logging.getLogger(__name__)
+
+_POSITION_KEY = "position"
+
+
+class Relay:
+    def __init__(
+        self,
+        app: Forgeline,
+        js: JetStreamContext,
+        *,
+        batch_size: int = 500,
+        idle_wait_s: float = 0.02,
+    ) -> None:
+        self._app = app
+        self._js = js
+        self._batch_size = batch_size
+        self._idle_wait_s = idle_wait_s
+        self._position: int | None = None
+
+    async def tracked_position(self) -> int:
+        """The last position known to be on the stream (0 when none)."""
+        saved = 0
+        kv = await self._js.key_value(subjects.RELAY_BUCKET)
+        try:
+            entry = await kv.get(_POSITION_KEY)
+            saved = int(entry.value or b"0")
+        except KeyNotFoundError:
+            pass
+        return max(saved, await self._last_position_on_stream())
+
+    async def _last_position_on_stream(self) -> int:
+        info = await self._js.stream_info(subjects.EVENTS_STREAM)
+        if not info.state.last_seq:
+            return 0
+        try:
+            msg = await self._js.get_msg(subjects.EVENTS_STREAM, seq=info.state.last_seq)
+        except NotFoundError:
+            return 0
+        return int(json.loads(msg.data or b"{}").get("position", 0))
+
+    async def publish_batch(self) -> int:
+        """Publishes the next batch of stored events; returns how many it published."""
+        if self._position is None:
+            self._position = await self.tracked_position()
+        notifications: Sequence[Notification] = await anyio.to_thread.run_sync(
+            lambda: self._app.recorder.select_notifications(
+                start=self._position, limit=self._batch_size, inclusive_of_start=False
+            )
+        )
+        if not notifications:
+            return 0
+        acks = []
+        for notification in notifications:
+            event = self._app.mapper.to_domain_event(notification)
+            subject = subjects.event_subject(aggregate_name(event), event_type(event))
+            payload = envelope.encode(envelope.envelope(notification.id, event))
+            acks.append(
+                await self._js.publish_async(
+                    subject,
+                    payload,
+                    stream=subjects.EVENTS_STREAM,
+                    headers={"Nats-Msg-Id": str(notification.id)},
+                )
+            )
+        await asyncio.gather(*acks)
+        self._position = notifications[-1].id
+        kv = await self._js.key_value(subjects.RELAY_BUCKET)
+        await kv.put(_POSITION_KEY, str(self._position).encode())
+        return len(notifications)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Publishes until stop is set; errors are logged and retried with a pause."""
+        while not stop.is_set():
+            try:
+                published = await self.publish_batch()
+            except Exception:
+                log.exception("relay: publishing failed; retrying in 1 s")
+                self._position = None  # re-read the tracked position after a failure
+                published = 0
+                await _wait(stop, 1.0)
+                continue
+            if not published:
+                await _wait(stop, self._idle_wait_s)
+
+
+async def _wait(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)

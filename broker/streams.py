@@ -1,0 +1,72 @@
+"""Stream declarations: created or updated in code at start-up, never by hand."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nats.js import JetStreamContext
+from nats.js.api import (
+    KeyValueConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import NotFoundError
+
+from broker import subjects
+
+DAY = 86_400.0
+
+
+@dataclass(frozen=True)
+class StreamSettings:
+    replicas: int = 1
+    command_dedupe_window_s: float = 3_600.0
+    event_dedupe_window_s: float = 3_600.0
+    log_max_age_s: float = 14 * DAY
+
+
+def stream_configs(settings: StreamSettings) -> list[StreamConfig]:
+    return [
+        StreamConfig(
+            name=subjects.COMMANDS_STREAM,
+            subjects=[subjects.COMMANDS_SUBJECTS],
+            # A work queue: a command is gone once a handler acked it after its commit.
+            retention=RetentionPolicy.WORK_QUEUE,
+            storage=StorageType.FILE,
+            duplicate_window=settings.command_dedupe_window_s,
+            num_replicas=settings.replicas,
+        ),
+        StreamConfig(
+            name=subjects.EVENTS_STREAM,
+            subjects=[subjects.EVENTS_SUBJECTS],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            duplicate_window=settings.event_dedupe_window_s,
+            num_replicas=settings.replicas,
+        ),
+        StreamConfig(
+            name=subjects.LOGS_STREAM,
+            subjects=[subjects.LOGS_SUBJECTS],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            max_age=settings.log_max_age_s,
+            duplicate_window=120.0,
+            num_replicas=settings.replicas,
+        ),
+    ]
+
+
+async def ensure_streams(js: JetStreamContext, settings: StreamSettings | None = None) -> None:
+    """Creates the streams and the relay's bucket, or updates them to the declared config."""
+    settings = settings or StreamSettings()
+    for config in stream_configs(settings):
+        try:
+            await js.stream_info(config.name or "")
+        except NotFoundError:
+            await js.add_stream(config)
+        else:
+            await js.update_stream(config)
+    await js.create_key_value(
+        KeyValueConfig(bucket=subjects.RELAY_BUCKET, history=1, replicas=settings.replicas)
+    )
