@@ -9,7 +9,7 @@ import re
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from domain.agents import AGENTS, DEFAULT_AGENT
 
@@ -43,7 +43,15 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
-Prompt = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("prompt must not be blank")
+    return value
+
+
+Prompt = Annotated[
+    str, Field(min_length=1, max_length=MAX_PROMPT_CHARS), AfterValidator(_not_blank)
+]
 
 
 class RequestSpec(_Frozen):
@@ -70,13 +78,6 @@ class RequestSpec(_Frozen):
             raise ValueError("ref must be a branch, tag or commit name without spaces")
         return value
 
-    @field_validator("prompt")
-    @classmethod
-    def _prompt_not_blank(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("prompt must not be blank")
-        return value
-
     @field_validator("labels")
     @classmethod
     def _labels_within_limits(cls, value: dict[str, str]) -> dict[str, str]:
@@ -89,16 +90,24 @@ class RequestSpec(_Frozen):
                 )
         return value
 
-    @model_validator(mode="after")
-    def _agent_and_options_known(self) -> RequestSpec:
-        agent = AGENTS.get(self.agent)
+    @field_validator("agent")
+    @classmethod
+    def _agent_known(cls, value: str) -> str:
+        if value not in AGENTS:
+            raise ValueError(f"unknown agent {value!r}; known: {', '.join(sorted(AGENTS))}")
+        return value
+
+    @field_validator("agent_options")
+    @classmethod
+    def _options_known(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        agent = AGENTS.get(info.data.get("agent", DEFAULT_AGENT))
         if agent is None:
-            raise ValueError(f"unknown agent {self.agent!r}; known: {', '.join(sorted(AGENTS))}")
+            return value  # the agent field reports the unknown agent
         allowed = set(agent.options_schema.get("properties", {}))
-        unknown = sorted(set(self.agent_options) - allowed)
+        unknown = sorted(set(value) - allowed)
         if unknown:
-            raise ValueError(f"agent {self.agent!r} takes no option(s) {', '.join(unknown)}")
-        return self
+            raise ValueError(f"agent {agent.name!r} takes no option(s) {', '.join(unknown)}")
+        return value
 
 
 class RerunSpec(_Frozen):

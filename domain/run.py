@@ -33,6 +33,7 @@ class Run(Aggregate):
             run.status = RunStatus.PROVISIONING
             run.attempt = self.attempt
             run.worker = self.worker
+            run.claimed_at_version = self.originator_version
 
     class WorkspaceProvisioned(Aggregate.Event):
         provisioner: str
@@ -104,8 +105,14 @@ class Run(Aggregate):
         reason: str
 
         def apply(self, run: Run) -> None:
+            # The lost attempt's workspace, patch and start are gone with it.
             run.status = RunStatus.QUEUED
             run.base_commit = None
+            run.provisioner = None
+            run.patch = None
+            run.patch_sha256 = None
+            run.started_at = None
+            run.worker = None
 
     def __init__(
         self,
@@ -125,6 +132,7 @@ class Run(Aggregate):
         self.status = RunStatus.QUEUED
         self.attempt = 0
         self.worker: str | None = None
+        self.claimed_at_version: int | None = None  # version of the latest ProvisioningStarted
         self.provisioner: str | None = None
         self.base_commit: str | None = None
         self.started_at: datetime | None = None
@@ -233,7 +241,11 @@ class Run(Aggregate):
         )
 
     def requeue(self, reason: str) -> None:
+        """Hands the run back for another attempt; a run with a pending cancel ends instead."""
         self._require(RunAction.REQUEUE)
+        if self.cancel_requested:
+            self.cancel(f"cancelled by client ({reason} before the cancel took effect)")
+            return
         self.trigger_event(self.RunRequeued, reason=reason)
 
     def _require(self, action: RunAction) -> None:

@@ -1,0 +1,182 @@
+"""One attempt of one run: provision, run the agent, record the patch and the outcome."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from broker.logs import RunLogWriter
+from domain.errors import IllegalTransition
+from domain.run import Run
+from domain.status import FailureCode
+from handlers.store import decide_on_run_async, load_run
+from handlers.workspaces.base import (
+    AgentTimedOut,
+    RepoUnreachable,
+    Workspace,
+    WorkspaceError,
+    WorkspaceSpec,
+)
+from handlers.workspaces.patch import patch_stats
+
+if TYPE_CHECKING:
+    from handlers.execution import Executor
+
+
+class RunAttempt:
+    def __init__(self, executor: Executor, run: Run) -> None:
+        self._x = executor
+        self._run = run
+        self._log = RunLogWriter(executor.js, run.id, attempt=run.attempt)
+        self._workspace: Workspace | None = None
+
+    async def go(self) -> None:
+        try:
+            await self._provision_and_run()
+        except asyncio.CancelledError:
+            # The worker is stopping: hand the run back so another attempt picks it up.
+            with contextlib.suppress(IllegalTransition):
+                await asyncio.shield(self._record(lambda r: r.requeue("worker shutdown")))
+            raise
+        finally:
+            with contextlib.suppress(Exception):
+                await self._log.flush()
+            if self._workspace is not None:
+                await asyncio.shield(self._workspace.close())
+
+    async def _provision_and_run(self) -> None:
+        app, run = self._x.app, self._run
+        request = await anyio.to_thread.run_sync(app.get_request, run.request_id)
+        spec = WorkspaceSpec(
+            run_id=run.id, request_id=run.request_id, repo=request.repo, ref=request.ref
+        )
+        if run.base_run_id is not None:  # a rerun starts from the pinned commit plus a patch
+            base = await load_run(app, run.base_run_id)
+            spec = WorkspaceSpec(
+                run_id=run.id,
+                request_id=run.request_id,
+                repo=request.repo,
+                ref=base.base_commit,
+                base_patch=base.patch,
+            )
+        await self._system(
+            f"provisioning a {self._x.provisioner.name} workspace: "
+            f"{request.repo} at {spec.ref or 'HEAD'} (attempt {run.attempt})"
+        )
+        try:
+            self._workspace = await self._x.provisioner.provision(spec)
+        except RepoUnreachable as exc:
+            await self._fail(FailureCode.REPO_UNREACHABLE, str(exc))
+            return
+        except WorkspaceError as exc:
+            await self._fail(FailureCode.WORKSPACE_FAILED, str(exc))
+            return
+        workspace = self._workspace
+        await self._system(f"workspace ready at commit {workspace.base_commit}")
+
+        def start(r: Run) -> None:
+            r.record_workspace(self._x.provisioner.name, workspace.base_commit)
+            r.start()
+
+        try:
+            await self._record(start)
+        except IllegalTransition:
+            return  # cancelled while provisioning: RunCancelled is recorded already
+        await self._run_agent(workspace, dict(request.agent_options))
+
+    async def _run_agent(self, workspace: Workspace, options: dict[str, Any]) -> None:
+        run = self._run
+        agent = self._x.agents[run.agent]
+        agent_task = asyncio.create_task(
+            agent.run(
+                workspace,
+                prompt=run.prompt,
+                options=options,
+                on_line=self._log.write,
+                timeout_s=run.timeout_s,
+            )
+        )
+        watcher = asyncio.create_task(self._cancel_when_asked(agent_task))
+        try:
+            exit_code = await agent_task
+        except AgentTimedOut as exc:
+            await self._system(str(exc))
+            await self._finish(workspace, FailureCode.TIMEOUT, str(exc), None)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # the worker is stopping, not the client
+            await self._system("cancelled: the agent was stopped")
+            await self._log.flush()
+            await self._record(
+                lambda r: r.cancel("cancelled by client", self._log.lines, self._log.sha256)
+            )
+        else:
+            message = f"agent exited with code {exit_code}"
+            await self._system(message)
+            failure = FailureCode.AGENT_FAILED if exit_code != 0 else None
+            await self._finish(workspace, failure, message, exit_code)
+        finally:
+            watcher.cancel()
+
+    async def _cancel_when_asked(self, agent_task: asyncio.Task[int]) -> None:
+        # Reads the store, not the event stream: a cancel is seen even while NATS is down.
+        while not agent_task.done():
+            await asyncio.sleep(self._x.settings.cancel_poll_s)
+            with contextlib.suppress(Exception):
+                if (await load_run(self._x.app, self._run.id)).cancel_requested:
+                    agent_task.cancel()
+                    return
+
+    async def _finish(
+        self,
+        workspace: Workspace,
+        failure: FailureCode | None,
+        message: str,
+        exit_code: int | None,
+    ) -> None:
+        diff = await workspace.diff()
+        stats = patch_stats(diff, await workspace.numstat()) if diff else None
+        limit = self._x.settings.patch_max_bytes
+        if stats and stats["bytes"] > limit:
+            failure, stats = FailureCode.PATCH_TOO_LARGE, None
+            message = f"the patch is larger than {limit} bytes (FORGELINE_PATCH_MAX_BYTES)"
+        if stats:
+            await self._system(
+                f"patch: {stats['files_changed']} file(s) changed, "
+                f"+{stats['insertions']} -{stats['deletions']}"
+            )
+        await self._log.flush()
+
+        def decide(r: Run) -> None:
+            if stats:
+                r.record_patch(diff, stats)
+            if failure is None:
+                r.succeed(exit_code or 0, self._log.lines, self._log.sha256)
+            else:
+                r.fail(
+                    failure,
+                    message,
+                    exit_code=exit_code,
+                    log_lines=self._log.lines,
+                    log_sha256=self._log.sha256,
+                )
+
+        await self._record(decide)
+
+    async def _fail(self, code: FailureCode, message: str) -> None:
+        await self._system(f"failed: {message}")
+        await self._log.flush()
+        await self._record(
+            lambda r: r.fail(code, message, log_lines=self._log.lines, log_sha256=self._log.sha256)
+        )
+
+    async def _system(self, line: str) -> None:
+        await self._log.write("system", line)
+
+    async def _record(self, decide: Callable[[Run], None]) -> None:
+        await decide_on_run_async(self._x.app, self._run.id, decide)

@@ -1,0 +1,73 @@
+"""What every workspace provisioner offers: a checked-out repository to run an agent in."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+from uuid import UUID
+
+LineSink = Callable[[Literal["stdout", "stderr"], str], Awaitable[None]]
+
+
+class WorkspaceError(Exception):
+    """Provisioning or using a workspace failed for a reason of the infrastructure."""
+
+
+class RepoUnreachable(WorkspaceError):
+    """The repository cannot be cloned, or the ref does not exist in it."""
+
+
+class AgentTimedOut(Exception):
+    """The agent ran past its timeout and was killed."""
+
+
+@dataclass(frozen=True)
+class WorkspaceSpec:
+    run_id: UUID
+    request_id: UUID
+    repo: str
+    # The commit to start from: a rerun pins the first run's base commit; else the ref.
+    ref: str | None
+    base_patch: str | None = None  # applied on top of ref before the agent runs (reruns)
+
+
+class Workspace(Protocol):
+    @property
+    def base_commit(self) -> str: ...
+
+    async def write_scratch(self, name: str, content: str) -> str:
+        """Writes a file outside the repository (it never shows in the patch); returns its path
+        as the agent sees it."""
+        ...
+
+    async def exec(
+        self,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str],
+        on_line: LineSink,
+        timeout_s: float,
+    ) -> int:
+        """Runs argv in the repository root, streaming each output line; returns the exit code.
+        Raises AgentTimedOut after killing it when timeout_s passes; cancelling the caller kills
+        it too."""
+        ...
+
+    async def diff(self) -> str:
+        """The change against base_commit as a binary-safe git diff, untracked files included."""
+        ...
+
+    async def numstat(self) -> str:
+        """`git diff --numstat` of the same change, for the patch summary."""
+        ...
+
+    async def close(self) -> None:
+        """Releases everything the workspace holds. Safe to call twice."""
+        ...
+
+
+class Provisioner(Protocol):
+    name: str
+
+    async def provision(self, spec: WorkspaceSpec) -> Workspace: ...
