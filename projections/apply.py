@@ -1,0 +1,146 @@
+"""How each event changes the read tables: one small function per event type."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from psycopg import Cursor, sql
+from psycopg.types.json import Jsonb
+
+from domain.request import Request
+from domain.run import Run
+from domain.status import RunStatus
+from projections.schema import tables
+
+
+class Applier:
+    def __init__(self, prefix: str) -> None:
+        self._requests, self._runs = tables(prefix)
+        self._handlers: dict[type, Callable[[Cursor[Any], Any], None]] = {
+            Request.RequestSubmitted: self._request_submitted,
+            Request.RerunRequested: self._rerun_requested,
+            Run.RunQueued: self._run_queued,
+            Run.ProvisioningStarted: self._provisioning_started,
+            Run.RunStarted: self._run_started,
+            Run.PatchProduced: self._patch_produced,
+            Run.RunSucceeded: self._run_succeeded,
+            Run.RunFailed: self._run_failed,
+            Run.RunCancelled: self._run_cancelled,
+            Run.RunRequeued: self._run_requeued,
+        }
+
+    def apply(self, cur: Cursor[Any], event: Any) -> None:
+        handler = self._handlers.get(type(event))
+        if handler is not None:  # events that change no view (e.g. CancelRequested)
+            handler(cur, event)
+
+    def _request_submitted(self, cur: Cursor[Any], e: Request.RequestSubmitted) -> None:
+        cur.execute(
+            sql.SQL(
+                "INSERT INTO {t} (id, status, repo, ref, prompt, agent, agent_options, priority,"
+                " timeout_s, labels, idempotency_key, created_at, updated_at, latest_run_id)"
+                " VALUES (%s, 'queued', %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                " ON CONFLICT (id) DO NOTHING"
+            ).format(t=self._requests),
+            (
+                e.originator_id,
+                e.repo,
+                e.ref,
+                e.prompt,
+                e.agent,
+                Jsonb(e.agent_options),
+                e.priority,
+                e.timeout_s,
+                Jsonb(e.labels),
+                e.idempotency_key,
+                e.timestamp,
+                e.timestamp,
+                e.first_run_id,
+            ),
+        )
+
+    def _rerun_requested(self, cur: Cursor[Any], e: Request.RerunRequested) -> None:
+        cur.execute(
+            sql.SQL(
+                "UPDATE {t} SET latest_run_id = %s, status = 'queued', updated_at = %s"
+                " WHERE id = %s"
+            ).format(t=self._requests),
+            (e.run_id, e.timestamp, e.originator_id),
+        )
+
+    def _run_queued(self, cur: Cursor[Any], e: Run.RunQueued) -> None:
+        cur.execute(
+            sql.SQL(
+                "INSERT INTO {t} (id, request_id, number, status, agent, attempt, queued_at)"
+                " VALUES (%s, %s, %s, 'queued', %s, 0, %s) ON CONFLICT (id) DO NOTHING"
+            ).format(t=self._runs),
+            (e.originator_id, e.request_id, e.number, e.agent, e.timestamp),
+        )
+
+    def _provisioning_started(self, cur: Cursor[Any], e: Run.ProvisioningStarted) -> None:
+        self._set_run(cur, e, RunStatus.PROVISIONING, attempt=e.attempt)
+
+    def _run_started(self, cur: Cursor[Any], e: Run.RunStarted) -> None:
+        self._set_run(cur, e, RunStatus.RUNNING, started_at=e.timestamp)
+
+    def _patch_produced(self, cur: Cursor[Any], e: Run.PatchProduced) -> None:
+        summary = {
+            "files_changed": e.files_changed,
+            "insertions": e.insertions,
+            "deletions": e.deletions,
+            "bytes": e.bytes,
+            "sha256": e.sha256,
+        }
+        self._set_run(cur, e, None, patch=Jsonb(summary), diff=e.diff)
+
+    def _run_succeeded(self, cur: Cursor[Any], e: Run.RunSucceeded) -> None:
+        self._set_run(cur, e, RunStatus.SUCCEEDED, exit_code=e.exit_code, finished_at=e.timestamp)
+
+    def _run_failed(self, cur: Cursor[Any], e: Run.RunFailed) -> None:
+        error = Jsonb({"code": e.code, "message": e.message})
+        self._set_run(
+            cur, e, RunStatus.FAILED, exit_code=e.exit_code, error=error, finished_at=e.timestamp
+        )
+
+    def _run_cancelled(self, cur: Cursor[Any], e: Run.RunCancelled) -> None:
+        self._set_run(cur, e, RunStatus.CANCELLED, finished_at=e.timestamp)
+
+    def _run_requeued(self, cur: Cursor[Any], e: Run.RunRequeued) -> None:
+        self._set_run(cur, e, RunStatus.QUEUED, started_at=None, patch=None, diff=None)
+
+    def _set_run(self, cur: Cursor[Any], e: Any, status: RunStatus | None, **columns: Any) -> None:
+        """Updates the run's row and, when its status changed, its request's status."""
+        if status is not None:
+            columns["status"] = status.value
+        assignments = sql.SQL(", ").join(
+            sql.SQL("{} = %s").format(sql.Identifier(name)) for name in columns
+        )
+        cur.execute(
+            sql.SQL("UPDATE {t} SET {a} WHERE id = %s").format(t=self._runs, a=assignments),
+            (*columns.values(), e.originator_id),
+        )
+        self._touch_request(cur, e.originator_id, status, e.timestamp)
+
+    def _touch_request(
+        self, cur: Cursor[Any], run_id: Any, status: RunStatus | None, at: datetime
+    ) -> None:
+        # A request shows its latest run's status; older runs' events only touch updated_at.
+        if status is None:
+            cur.execute(
+                sql.SQL(
+                    "UPDATE {r} SET updated_at = %s"
+                    " WHERE id = (SELECT request_id FROM {u} WHERE id = %s)"
+                ).format(r=self._requests, u=self._runs),
+                (at, run_id),
+            )
+            return
+        cur.execute(
+            sql.SQL(
+                "UPDATE {r} SET updated_at = %s,"
+                " status = CASE WHEN latest_run_id = %s THEN %s ELSE status END"
+                " WHERE id = (SELECT request_id FROM {u} WHERE id = %s)"
+            ).format(r=self._requests, u=self._runs),
+            (at, run_id, status.as_request_status(), run_id),
+        )
