@@ -1,0 +1,223 @@
+"""The composition root: starts the servers (embedded or external) and wires every component.
+
+Roles: `gateway` (HTTP), `worker` (command handler + executor), `relay` (store -> NATS),
+`projector` (store -> read tables). `forgeline up` runs them all in one process; each can also
+run on its own for a distributed deployment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Coroutine, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import uvicorn
+from psycopg_pool import AsyncConnectionPool
+
+from broker import subjects
+from broker.connection import connect
+from broker.consumer import consume, durable_config
+from broker.relay import Relay
+from broker.streams import StreamSettings, ensure_streams
+from domain.application import Forgeline
+from forgeline.settings import Settings, eventsourcing_env
+from gateway.app import create_app
+from gateway.deps import GatewayDeps
+from handlers.agents.shell import ShellAgent
+from handlers.commands import command_message_handler
+from handlers.execution import Executor, ExecutorSettings
+from handlers.workspaces.local import LocalProvisioner
+from projections.runner import ProjectionRunner
+from projections.views import Views
+
+log = logging.getLogger("forgeline")
+
+ALL_ROLES = frozenset({"gateway", "worker", "relay", "projector"})
+
+
+@dataclass
+class Servers:
+    """Where NATS and Postgres are, and how to stop the ones this process started."""
+
+    nats_url: str
+    database_url: str
+    embedded: list[str] = field(default_factory=list)
+    _stops: list[Callable[[], None]] = field(default_factory=list)
+
+    def stop(self) -> None:
+        for stop in reversed(self._stops):
+            with contextlib.suppress(Exception):
+                stop()
+        self._stops.clear()
+
+
+def start_servers(settings: Settings, progress: Callable[[str], None] = log.info) -> Servers:
+    """Starts the embedded servers the settings do not point elsewhere."""
+    from forgeline import embedded  # imported here: external deployments never need it
+
+    servers = Servers(nats_url=settings.nats_url or "", database_url=settings.database_url or "")
+    try:
+        if not settings.nats_url:
+            progress(f"starting embedded NATS JetStream in {settings.data_dir / 'nats'}")
+            nats = embedded.start_nats(
+                settings.data_dir / "nats", sync_always=settings.nats_sync_always
+            )
+            servers.nats_url = nats.url
+            servers.embedded.append("nats")
+            servers._stops.append(nats.stop)
+        if not settings.database_url:
+            progress(f"starting embedded Postgres in {settings.data_dir / 'postgres'}")
+            pg = embedded.start_postgres(settings.data_dir / "postgres")
+            servers.database_url = pg.url("forgeline")
+            servers.embedded.append("postgres")
+            servers._stops.append(pg.stop)
+    except BaseException:
+        servers.stop()
+        raise
+    return servers
+
+
+@contextlib.contextmanager
+def running_servers(
+    settings: Settings, progress: Callable[[str], None] = log.info
+) -> Iterator[Servers]:
+    servers = start_servers(settings, progress)
+    try:
+        yield servers
+    finally:
+        servers.stop()
+
+
+def open_store(database_url: str) -> Forgeline:
+    """The event store application; creates its tables on first use."""
+    return Forgeline(env=eventsourcing_env(database_url))
+
+
+class _QuietServer(uvicorn.Server):
+    """Uvicorn without its own signal handling: the process's stop event governs it."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def run_services(
+    settings: Settings,
+    servers: Servers,
+    stop: asyncio.Event,
+    roles: frozenset[str] = ALL_ROLES,
+    on_ready: Callable[[int], None] | None = None,
+) -> None:
+    """Runs the roles until stop is set or one of them fails; then closes everything."""
+    app = await anyio.to_thread.run_sync(open_store, servers.database_url)
+    nc = await connect(servers.nats_url, name=f"forgeline-{settings.worker_name}")
+    js = nc.jetstream()
+    pool: AsyncConnectionPool[Any] | None = None
+    try:
+        await ensure_streams(js, StreamSettings(replicas=settings.stream_replicas))
+        projector = ProjectionRunner(app, servers.database_url)
+        await anyio.to_thread.run_sync(projector.create_tables)
+        jobs: list[Coroutine[Any, Any, None]] = []
+        if "projector" in roles:
+            jobs.append(projector.run(stop))
+        if "relay" in roles:
+            jobs.append(Relay(app, js).run(stop))
+        if "worker" in roles:
+            jobs += _worker_jobs(settings, app, js, stop)
+        if "gateway" in roles:
+            pool = AsyncConnectionPool(servers.database_url, min_size=1, max_size=10, open=False)
+            await pool.open()
+            deps = GatewayDeps(
+                nc=nc,
+                js=js,
+                pool=pool,
+                views=Views(pool),
+                app=app,
+                max_body_bytes=settings.max_body_bytes,
+            )
+            jobs.append(_serve_http(settings, deps, stop, on_ready))
+        elif on_ready is not None:
+            on_ready(0)
+        await _run_until_stopped(jobs, stop)
+    finally:
+        if pool is not None:
+            await pool.close()
+        with contextlib.suppress(Exception):
+            await nc.drain()
+        await anyio.to_thread.run_sync(app.close)
+
+
+def _worker_jobs(
+    settings: Settings, app: Forgeline, js: Any, stop: asyncio.Event
+) -> list[Coroutine[Any, Any, None]]:
+    provisioner = LocalProvisioner(settings.workspaces_dir)
+    provisioner.reap()
+    executor = Executor(
+        app,
+        js,
+        provisioner,
+        {"shell": ShellAgent()},
+        ExecutorSettings(
+            worker=settings.worker_name,
+            slots=settings.worker_slots,
+            max_attempts=settings.max_attempts,
+            patch_max_bytes=settings.patch_max_bytes,
+            shutdown_grace_s=settings.shutdown_grace_s,
+        ),
+    )
+    commands = consume(
+        js,
+        subjects.COMMANDS_STREAM,
+        durable_config(subjects.COMMAND_HANDLER_DURABLE, [subjects.COMMANDS_SUBJECTS]),
+        command_message_handler(app),
+        stop,
+    )
+    return [commands, executor.run(stop)]
+
+
+async def _serve_http(
+    settings: Settings,
+    deps: GatewayDeps,
+    stop: asyncio.Event,
+    on_ready: Callable[[int], None] | None,
+) -> None:
+    config = uvicorn.Config(
+        create_app(deps),
+        host=settings.host,
+        port=settings.port,
+        log_level="warning",
+        lifespan="off",
+        access_log=False,
+    )
+    server = _QuietServer(config)
+    serving = asyncio.create_task(server.serve())
+    while not server.started:
+        if serving.done():
+            await serving  # raises what made it fail (e.g. the port is taken)
+            raise RuntimeError(f"the gateway could not listen on {settings.host}:{settings.port}")
+        await asyncio.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    if on_ready is not None:
+        on_ready(port)
+    await stop.wait()
+    server.should_exit = True
+    await serving
+
+
+async def _run_until_stopped(jobs: list[Coroutine[Any, Any, None]], stop: asyncio.Event) -> None:
+    """A failing job stops the others: a half-running process is worse than a stopped one."""
+    tasks = [asyncio.create_task(job) for job in jobs]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in done:
+            if task.exception() is not None:
+                stop.set()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                raise task.exception()  # type: ignore[misc]
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,70 @@
+"""Settings from FORGELINE_* environment variables, overridden by command-line flags."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Literal
+
+from psycopg.conninfo import conninfo_to_dict
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "forgeline"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FORGELINE_", extra="ignore")
+
+    # Where the embedded servers keep their data, and where local workspaces live.
+    data_dir: Path = Field(default_factory=_default_data_dir)
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    # Set both to use external servers instead of the embedded ones.
+    nats_url: str | None = None
+    database_url: str | None = None
+    # JetStream acknowledges before fsync by default; "always" survives a machine crash too.
+    nats_sync_always: bool = False
+    stream_replicas: int = Field(default=1, ge=1, le=5)
+
+    worker_name: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    worker_slots: int = Field(default=4, ge=1, le=256)
+    provisioner: Literal["local"] = "local"
+    max_attempts: int = Field(default=3, ge=1, le=20)
+    patch_max_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    shutdown_grace_s: float = Field(default=30.0, ge=0)
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    log_level: str = "INFO"
+
+    # Client commands (submit, status, logs, ...) talk HTTP to this gateway.
+    url: str = "http://127.0.0.1:8080"
+    api_key: SecretStr | None = None
+
+    @property
+    def workspaces_dir(self) -> Path:
+        return self.data_dir / "workspaces"
+
+
+def eventsourcing_env(database_url: str) -> dict[str, str]:
+    """The eventsourcing library's settings for a Postgres URL (socket dirs included)."""
+    params = conninfo_to_dict(database_url)
+    env = {
+        "PERSISTENCE_MODULE": "eventsourcing.postgres",
+        "POSTGRES_DBNAME": str(params.get("dbname") or "forgeline"),
+        "POSTGRES_HOST": str(params.get("host") or "127.0.0.1"),
+        "POSTGRES_PORT": str(params.get("port") or "5432"),
+        "POSTGRES_USER": str(params.get("user") or "postgres"),
+        "POSTGRES_PASSWORD": str(params.get("password") or ""),
+        "CREATE_TABLE": "true",
+        # Writers queue on a table lock: give up after a while instead of hanging forever.
+        "POSTGRES_LOCK_TIMEOUT": "10",
+        "POSTGRES_IDLE_IN_TRANSACTION_SESSION_TIMEOUT": "15",
+        "POSTGRES_POOL_SIZE": "5",
+        "POSTGRES_MAX_OVERFLOW": "10",
+        "POSTGRES_PRE_PING": "y",
+    }
+    return env
