@@ -13,7 +13,11 @@ log = logging.getLogger(__name__)
 async def connect(url: str, *, name: str) -> Client:
     """A connection that reconnects forever: a restarted nats-server must not end a worker."""
 
+    client: list[Client] = []
+
     async def _disconnected() -> None:
+        if client and (client[0].is_closed or client[0].is_draining):
+            return  # our own shutdown
         log.warning("NATS disconnected (%s); reconnecting", name)
 
     async def _reconnected() -> None:
@@ -22,7 +26,7 @@ async def connect(url: str, *, name: str) -> Client:
     async def _error(exc: Exception) -> None:
         log.warning("NATS error (%s): %s", name, exc)
 
-    return await nats.connect(
+    nc = await nats.connect(
         url,
         name=name,
         max_reconnect_attempts=-1,
@@ -32,3 +36,5 @@ async def connect(url: str, *, name: str) -> Client:
         reconnected_cb=_reconnected,
         error_cb=_error,
     )
+    client.append(nc)
+    return nc

@@ -11,6 +11,7 @@ BASE_ENV = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     "LANG": "C.UTF-8",
     "TERM": "dumb",
+    "PYTHONDONTWRITEBYTECODE": "1",
     "GIT_TERMINAL_PROMPT": "0",
     "GIT_AUTHOR_NAME": "Forgeline Agent",
     "GIT_AUTHOR_EMAIL": "agent@forgeline.invalid",

@@ -1,0 +1,152 @@
+"""The `forgeline` command: servers (up, gateway, worker, relay, projector), the demo, and the
+client commands that talk HTTP to a gateway."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from forgeline import client_commands
+from forgeline.bootstrap import ALL_ROLES, Servers, run_services, running_servers
+from forgeline.settings import Settings
+
+log = logging.getLogger("forgeline")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = _settings(args)
+    except ValidationError as exc:
+        print(f"forgeline: invalid setting: {exc}", file=sys.stderr)
+        return 2
+    _configure_logging(settings.log_level)
+    handler: Callable[[argparse.Namespace, Settings], int] = args.handler
+    try:
+        return handler(args, settings)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="forgeline",
+        description="Run coding agents in isolated workspaces; get reviewable patches back.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = sub.add_parser("up", help="start everything (embedded NATS and Postgres by default)")
+    _server_flags(up)
+    up.set_defaults(handler=_up, roles=ALL_ROLES)
+    for role, text in [
+        ("gateway", "run only the HTTP gateway"),
+        ("worker", "run only a worker (command handler and executor)"),
+        ("relay", "run only the relay (event store -> FORGELINE_EVENTS)"),
+        ("projector", "run only the projector (event store -> read tables)"),
+    ]:
+        p = sub.add_parser(role, help=text)
+        _server_flags(p)
+        p.set_defaults(handler=_up, roles=frozenset({role}))
+
+    demo = sub.add_parser("demo", help="run sample requests on a sample repo, show the patches")
+    demo.add_argument("--data-dir", type=Path, help="keep the demo's data here (default: temp)")
+    demo.set_defaults(handler=_demo)
+
+    client_commands.add_parsers(sub)
+    return parser
+
+
+def _server_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--data-dir", type=Path, help="embedded servers' data (FORGELINE_DATA_DIR)"
+    )
+    p.add_argument("--host", help="address the gateway listens on (FORGELINE_HOST)")
+    p.add_argument("--port", type=int, help="port the gateway listens on (FORGELINE_PORT)")
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {
+        key: value
+        for key in ("data_dir", "host", "port")
+        if (value := getattr(args, key, None)) is not None
+    }
+    return Settings(**overrides)
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("nats", "httpx", "eventsourcing"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _up(args: argparse.Namespace, settings: Settings) -> int:
+    roles: frozenset[str] = args.roles
+    if roles != ALL_ROLES and not (settings.nats_url and settings.database_url):
+        print(
+            f"forgeline {next(iter(roles))}: a single role needs external servers; set "
+            "FORGELINE_NATS_URL and FORGELINE_DATABASE_URL (or run `forgeline up`).",
+            file=sys.stderr,
+        )
+        return 2
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    with running_servers(settings, progress=lambda m: print(m, file=sys.stderr)) as servers:
+        return asyncio.run(_serve(settings, servers, roles))
+
+
+async def _serve(settings: Settings, servers: Servers, roles: frozenset[str]) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+    def ready(port: int) -> None:
+        _print_banner(settings, servers, roles, port)
+
+    await run_services(settings, servers, stop, roles, on_ready=ready)
+    print("forgeline: stopped cleanly", file=sys.stderr)
+    return 0
+
+
+def _print_banner(settings: Settings, servers: Servers, roles: frozenset[str], port: int) -> None:
+    lines = ["", f"Forgeline is up ({', '.join(sorted(roles))})"]
+    if "gateway" in roles:
+        lines.append(f"  API        http://{settings.host}:{port}")
+    lines.append(f"  data dir   {settings.data_dir}")
+    lines.append(
+        f"  NATS       {servers.nats_url}" + (" (embedded)" if "nats" in servers.embedded else "")
+    )
+    lines.append("  Postgres   " + ("embedded" if "postgres" in servers.embedded else "external"))
+    if "worker" in roles:
+        lines.append(f"  workspaces {settings.provisioner}, {settings.worker_slots} slot(s)")
+        if settings.provisioner == "local":
+            lines.append(
+                "  WARNING    local workspaces are NOT isolated: agents run as this user on this"
+                " machine. Use them only for trusted agents."
+            )
+    lines.append("Press Ctrl-C to stop.")
+    print("\n".join(lines), file=sys.stderr, flush=True)
+    if "worker" in roles and settings.provisioner == "local":
+        log.warning("workspaces: the local provisioner gives agents no isolation from this host")
+
+
+def _demo(args: argparse.Namespace, settings: Settings) -> int:
+    from forgeline.demo import run_demo
+
+    return int(run_demo(args.data_dir))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

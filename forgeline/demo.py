@@ -1,0 +1,182 @@
+"""`forgeline demo`: starts everything in one process, runs sample requests on a sample
+repository through the real HTTP API, shows their progress and patches, stops, exits 0."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.live import Live
+from rich.syntax import Syntax
+from rich.table import Table
+
+from forgeline.bootstrap import Servers, run_services, running_servers
+from forgeline.client import ForgelineClient
+from forgeline.settings import Settings
+
+console = Console(highlight=False)
+
+ADD_SHOUT = """\
+echo "adding a shout option to greet()"
+cat > greeting.py <<'PY'
+def greet(name: str, shout: bool = False) -> str:
+    text = f"Hello, {name}!"
+    return text.upper() if shout else text
+PY
+cat > test_greeting.py <<'PY'
+from greeting import greet
+
+def test_shout():
+    assert greet("ada", shout=True) == "HELLO, ADA!"
+PY
+python3 -c 'from greeting import greet; print(greet("demo", shout=True))'
+"""
+
+FAILING = """\
+echo "looking for a file that is not there" >&2
+cat does-not-exist.txt
+"""
+
+FOLLOW_UP = """\
+echo "follow-up: documenting the new option"
+cat >> README.md <<'MD'
+
+## Shouting
+
+`greet(name, shout=True)` returns the greeting in capitals.
+MD
+"""
+
+SAMPLE_FILES = {
+    "README.md": "# greeting\n\nA tiny sample project for the Forgeline demo.\n",
+    ".gitignore": "__pycache__/\n",
+    "greeting.py": 'def greet(name: str) -> str:\n    return f"Hello, {name}!"\n',
+}
+
+TERMINAL = {"patch_ready", "failed", "cancelled"}
+
+
+def run_demo(data_dir: Path | None) -> int:
+    workdir = Path(tempfile.mkdtemp(prefix="fl-demo-", dir="/tmp"))
+    settings = Settings(data_dir=data_dir or workdir / "data", port=0, log_level="WARNING")
+    console.rule("[bold]Forgeline demo")
+    try:
+        with running_servers(settings, progress=lambda m: console.print(f"[dim]{m}[/dim]")) as s:
+            return asyncio.run(_demo(settings, s, workdir))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+async def _demo(settings: Settings, servers: Servers, workdir: Path) -> int:
+    stop = asyncio.Event()
+    ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    services = asyncio.create_task(
+        run_services(settings, servers, stop, on_ready=lambda port: ready.set_result(port))
+    )
+    try:
+        port = await asyncio.wait_for(asyncio.shield(ready), 60)
+        console.print(f"[dim]gateway on http://127.0.0.1:{port} (local workspaces)[/dim]")
+        return await asyncio.to_thread(_scenario, f"http://127.0.0.1:{port}", workdir)
+    finally:
+        stop.set()
+        await services
+        console.print("[dim]stopped everything[/dim]")
+
+
+def _scenario(url: str, workdir: Path) -> int:
+    repo = _sample_repo(workdir / "sample-repo")
+    console.print(f"sample repository: {repo}")
+    with ForgelineClient(url) as client:
+        shout = client.submit({"repo": str(repo), "prompt": ADD_SHOUT, "labels": {"demo": "1"}})
+        broken = client.submit({"repo": str(repo), "prompt": FAILING, "labels": {"demo": "1"}})
+        tracked = {"add shout option": shout["request_id"], "failing script": broken["request_id"]}
+        _watch(client, tracked)
+        rerun = client.rerun(shout["request_id"], FOLLOW_UP)
+        tracked["rerun: document it"] = shout["request_id"]
+        _wait_for_run(client, rerun["run_id"])
+        _watch(client, tracked)
+
+        first, latest = client.run(shout["run_id"]), client.run(rerun["run_id"])
+        failed = client.run(broken["run_id"])
+        patch = client.patch(rerun["run_id"])
+        console.rule("patch of the rerun (cumulative)")
+        console.print(Syntax(patch, "diff", theme="ansi_dark", background_color="default"))
+        applies = _applies(repo, patch)
+        console.rule("outcome")
+        checks = {
+            "first run succeeded with a patch": first["status"] == "succeeded" and first["patch"],
+            "failing script ended agent_failed": (failed["error"] or {}).get("code")
+            == "agent_failed",
+            "rerun built on the first patch": latest["status"] == "succeeded"
+            and "shout" in patch
+            and "Shouting" in patch,
+            "the patch applies to a clean clone": applies,
+        }
+        for name, ok in checks.items():
+            console.print(f"  {'[green]ok[/green]' if ok else '[red]FAILED[/red]'}  {name}")
+        return 0 if all(checks.values()) else 1
+
+
+def _watch(client: ForgelineClient, tracked: dict[str, str]) -> None:
+    """A live table of the requests until each is terminal."""
+    deadline = time.monotonic() + 120
+    with Live(console=console, refresh_per_second=8, transient=False) as live:
+        while True:
+            rows = [(name, _status(client, rid)) for name, rid in tracked.items()]
+            live.update(_table(rows))
+            if all(status in TERMINAL for _, status in rows) or time.monotonic() > deadline:
+                return
+            time.sleep(0.1)
+
+
+def _table(rows: list[tuple[str, str]]) -> Table:
+    table = Table("request", "status", title="requests")
+    colours = {"patch_ready": "green", "failed": "red"}
+    for name, status in rows:
+        colour = colours.get(status, "yellow")
+        table.add_row(name, f"[{colour}]{status}[/{colour}]")
+    return table
+
+
+def _status(client: ForgelineClient, request_id: str) -> str:
+    try:
+        return str(client.request(request_id)["status"])
+    except Exception:
+        return "accepted"  # not projected yet
+
+
+def _wait_for_run(client: ForgelineClient, run_id: str) -> dict[str, Any]:
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            return client.run(run_id)
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def _sample_repo(path: Path) -> Path:
+    path.mkdir(parents=True)
+    for name, text in SAMPLE_FILES.items():
+        (path / name).write_text(text)
+    git = ["git", "-C", str(path), "-c", "user.name=Demo", "-c", "user.email=demo@example.com"]
+    subprocess.run([*git[:3], "init", "-q", "-b", "main"], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "initial"], check=True)
+    return path
+
+
+def _applies(repo: Path, patch: str) -> bool:
+    clone = repo.parent / "check-clone"
+    subprocess.run(["git", "clone", "-q", str(repo), str(clone)], check=True)
+    result = subprocess.run(
+        ["git", "-C", str(clone), "apply", "--check", "-"], input=patch.encode(), check=False
+    )
+    return result.returncode == 0
