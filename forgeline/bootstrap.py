@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+import psycopg
 import uvicorn
 from psycopg_pool import AsyncConnectionPool
 
@@ -32,6 +33,7 @@ from handlers.commands import command_message_handler
 from handlers.execution import Executor, ExecutorSettings
 from handlers.workspaces.local import LocalProvisioner
 from projections.runner import ProjectionRunner
+from projections.schema import SCHEMA_LOCK_KEY
 from projections.views import Views
 
 log = logging.getLogger("forgeline")
@@ -92,9 +94,18 @@ def running_servers(
         servers.stop()
 
 
+# Postgres' CREATE TABLE IF NOT EXISTS races with itself across processes (a unique violation
+# in pg_type): processes starting together take an advisory lock around schema creation.
+
+
 def open_store(database_url: str) -> Forgeline:
     """The event store application; creates its tables on first use."""
-    return Forgeline(env=eventsourcing_env(database_url))
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("SELECT pg_advisory_lock(%s)", (SCHEMA_LOCK_KEY,))
+        try:
+            return Forgeline(env=eventsourcing_env(database_url))
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(%s)", (SCHEMA_LOCK_KEY,))
 
 
 class _QuietServer(uvicorn.Server):

@@ -34,10 +34,10 @@ from handlers.workspaces.base import Provisioner
 
 log = logging.getLogger(__name__)
 
-RUN_TRIGGERS = [
-    subjects.event_subject("Run", "RunQueued"),
-    subjects.event_subject("Run", "RunRequeued"),
-]
+# The consumer takes every Run event and skips all but these: one subject filter works on
+# every nats-server, where a list of filters needs 2.10 or newer.
+RUN_EVENTS = subjects.event_subject("Run", "*")
+TRIGGERS = frozenset({"RunQueued", "RunRequeued"})
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ class Executor:
         """Takes runs while slots are free, until stop is set; then hands active runs back."""
         config = durable_config(
             subjects.EXECUTOR_DURABLE,
-            RUN_TRIGGERS,
+            [RUN_EVENTS],
             ack_wait_s=self.settings.ack_wait_s,
             max_deliver=-1,
         )
@@ -118,6 +118,9 @@ class Executor:
 
     async def _handle_message(self, msg: Msg) -> None:
         trigger = json.loads(msg.data)
+        if trigger.get("aggregate") != "Run" or msg.subject.rsplit(".", 1)[-1] not in TRIGGERS:
+            await msg.ack_sync()
+            return
         run_id, version = UUID(trigger["aggregateid"]), int(trigger["version"])
         heartbeat = asyncio.create_task(self._heartbeat(msg))
         try:

@@ -18,7 +18,13 @@ from psycopg import sql
 
 from domain.application import Forgeline
 from projections.apply import Applier
-from projections.schema import LIVE_PREFIX, POSITIONS_TABLE, create_statements, drop_statements
+from projections.schema import (
+    LIVE_PREFIX,
+    POSITIONS_TABLE,
+    SCHEMA_LOCK_KEY,
+    create_statements,
+    drop_statements,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +66,8 @@ class ProjectionRunner:
     def create_tables(self) -> None:
         conn = self._connection()
         with conn.transaction():
+            # Serialises schema creation with other processes starting at the same time.
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK_KEY,))
             for statement in create_statements(self._prefix):
                 conn.execute(statement)
             conn.execute(

@@ -6,6 +6,8 @@ from psycopg import sql
 
 LIVE_PREFIX = "forgeline_view_"
 POSITIONS_TABLE = "forgeline_projection_positions"
+# Advisory lock taken around schema creation, by every process that creates tables.
+SCHEMA_LOCK_KEY = 0x464F52474531
 
 
 def tables(prefix: str) -> tuple[sql.Identifier, sql.Identifier]:
