@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Set up a development environment from a fresh clone: .venv with Forgeline (editable) and the
+# test tools. Idempotent: a second run only checks, unless pyproject.toml changed or
+# FORGELINE_SETUP_FORCE=1. Needs only python3 (>= 3.11) and git; pip needs a package index.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+say() { printf '==> %s\n' "$*"; }
+
+# ---- system packages ---------------------------------------------------------------------------
+# RESERVED: a later issue installs Debian's docker.io here (Docker workspace adapter).
+# -----------------------------------------------------------------------------------------------
+
+find_python() {
+    local candidate
+    for candidate in python3.11 python3; do
+        if command -v "$candidate" >/dev/null 2>&1 \
+            && "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+            echo "$candidate"
+            return 0
+        fi
+    done
+    echo "Forgeline needs Python 3.11 or newer as python3.11 or python3; none found." >&2
+    return 1
+}
+
+create_venv() {
+    local python
+    python=$(find_python)
+    rm -rf .venv
+    say "creating .venv with $("$python" -V 2>&1)"
+    if ! "$python" -m venv .venv 2>/dev/null; then
+        # Debian's python3 without python3-venv has no ensurepip: bootstrap pip ourselves
+        say "no ensurepip; creating .venv without pip and bootstrapping pip"
+        rm -rf .venv
+        "$python" -m venv --without-pip .venv
+        "$python" -c 'import urllib.request as u; u.urlretrieve(
+            "https://bootstrap.pypa.io/get-pip.py", ".venv/get-pip.py")'
+        .venv/bin/python .venv/get-pip.py --quiet
+        rm -f .venv/get-pip.py
+    fi
+}
+
+if ! .venv/bin/python -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+    create_venv
+fi
+
+stamp=.venv/.forgeline-setup
+want=$(.venv/bin/python -c 'import hashlib; print(hashlib.sha256(open("pyproject.toml", "rb").read()).hexdigest())')
+if [ "${FORGELINE_SETUP_FORCE:-0}" != 1 ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ] \
+    && .venv/bin/python -c 'import forgeline' 2>/dev/null; then
+    say ".venv is up to date ($(.venv/bin/python -V))"
+    exit 0
+fi
+
+say "upgrading pip"
+.venv/bin/python -m pip install --quiet --upgrade pip
+say "installing forgeline (editable) with its test tools"
+.venv/bin/python -m pip install --quiet -e '.[test]'
+echo "$want" > "$stamp"
+say "done: .venv ready ($(.venv/bin/python -V)); run scripts/test.sh for the checks and tests"

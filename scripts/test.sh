@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The gates and the test suite, as CI runs them. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash scripts/setup.sh
+
+echo "==> ruff"
+.venv/bin/ruff check .
+echo "==> import contracts"
+.venv/bin/lint-imports
+echo "==> mypy"
+.venv/bin/mypy
+echo "==> pytest"
+.venv/bin/pytest -q -p no:cacheprovider "$@"
