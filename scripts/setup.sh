@@ -30,14 +30,16 @@ create_venv() {
     rm -rf .venv
     say "creating .venv with $("$python" -V 2>&1)"
     if ! "$python" -m venv .venv 2>/dev/null; then
-        # Debian's python3 without python3-venv has no ensurepip: bootstrap pip ourselves
-        say "no ensurepip; creating .venv without pip and bootstrapping pip"
-        rm -rf .venv
-        "$python" -m venv --without-pip .venv
-        "$python" -c 'import urllib.request as u; u.urlretrieve(
-            "https://bootstrap.pypa.io/get-pip.py", ".venv/get-pip.py")'
-        .venv/bin/python .venv/get-pip.py --quiet
-        rm -f .venv/get-pip.py
+        # Debian's python3 ships venv's pip bootstrap separately.
+        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+            say "installing Debian's python3-venv"
+            apt-get update -qq && apt-get install -y -qq python3-venv >/dev/null
+            rm -rf .venv
+            "$python" -m venv .venv
+        else
+            echo "python3 -m venv failed: install python3-venv (apt-get install python3-venv)" >&2
+            exit 1
+        fi
     fi
 }
 
