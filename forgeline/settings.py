@@ -33,7 +33,16 @@ class Settings(BaseSettings):
 
     worker_name: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     worker_slots: int = Field(default=4, ge=1, le=256)
-    provisioner: Literal["local"] = "local"
+    # auto = docker when a Docker engine answers, else local (with a loud warning).
+    provisioner: Literal["auto", "docker", "local"] = "auto"
+    docker_url: str | None = None  # default: DOCKER_HOST or the local socket
+    # The workspace image: used when present, else pulled, else built offline (debootstrap).
+    workspace_image: str = "forgeline/workspace:bookworm-1"
+    debian_mirror: str | None = None  # default: the first Debian mirror in apt's sources
+    workspace_cpus: float = Field(default=2.0, gt=0)
+    workspace_memory_mb: int = Field(default=2048, ge=64)
+    workspace_pids: int = Field(default=512, ge=16)
+    workspace_network: bool = False
     max_attempts: int = Field(default=3, ge=1, le=20)
     patch_max_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     shutdown_grace_s: float = Field(default=30.0, ge=0)
