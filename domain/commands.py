@@ -137,6 +137,7 @@ class CancelRequest(_Frozen):
     kind: Literal["cancel"] = "cancel"
     command_id: str
     request_id: UUID
+    run_id: UUID | None = None  # the run that was active when the client asked; None = latest
     reason: str = "cancelled by client"
 
 

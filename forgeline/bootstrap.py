@@ -25,13 +25,14 @@ from broker.consumer import consume, durable_config
 from broker.relay import Relay
 from broker.streams import StreamSettings, ensure_streams
 from domain.application import Forgeline
+from forgeline.provisioning import Workspaces, open_workspaces
 from forgeline.settings import Settings, eventsourcing_env
+from gateway import idempotency
 from gateway.app import create_app
 from gateway.deps import GatewayDeps
 from handlers.agents.shell import ShellAgent
 from handlers.commands import command_message_handler
 from handlers.execution import Executor, ExecutorSettings
-from handlers.workspaces.local import LocalProvisioner
 from projections.runner import ProjectionRunner
 from projections.schema import SCHEMA_LOCK_KEY
 from projections.views import Views
@@ -122,26 +123,37 @@ async def run_services(
     stop: asyncio.Event,
     roles: frozenset[str] = ALL_ROLES,
     on_ready: Callable[[int], None] | None = None,
+    status: dict[str, str] | None = None,
 ) -> None:
-    """Runs the roles until stop is set or one of them fails; then closes everything."""
+    """Runs the roles until stop is set or one of them fails; then closes everything.
+
+    on_ready gets the gateway's port (0 without a gateway) once everything runs; status, when
+    given, is filled with what was chosen at start-up (e.g. status["workspaces"]).
+    """
     app = await anyio.to_thread.run_sync(open_store, servers.database_url)
     nc = await connect(servers.nats_url, name=f"forgeline-{settings.worker_name}")
     js = nc.jetstream()
     pool: AsyncConnectionPool[Any] | None = None
+    workspaces: Workspaces | None = None
     try:
         await ensure_streams(js, StreamSettings(replicas=settings.stream_replicas))
         projector = ProjectionRunner(app, servers.database_url)
         await anyio.to_thread.run_sync(projector.create_tables)
+        if "worker" in roles:  # first: it may fail (no engine, no image) before anything runs
+            workspaces = await open_workspaces(settings, app)
+            if status is not None:
+                status["workspaces"] = workspaces.description
         jobs: list[Coroutine[Any, Any, None]] = []
         if "projector" in roles:
             jobs.append(projector.run(stop))
         if "relay" in roles:
             jobs.append(Relay(app, js).run(stop))
-        if "worker" in roles:
-            jobs += _worker_jobs(settings, app, js, stop)
+        if workspaces is not None:
+            jobs += await _worker_jobs(settings, app, js, stop, workspaces)
         if "gateway" in roles:
             pool = AsyncConnectionPool(servers.database_url, min_size=1, max_size=10, open=False)
             await pool.open()
+            await idempotency.create_table(pool)
             deps = GatewayDeps(
                 nc=nc,
                 js=js,
@@ -155,6 +167,8 @@ async def run_services(
             on_ready(0)
         await _run_until_stopped(jobs, stop)
     finally:
+        if workspaces is not None:
+            await workspaces.close()
         if pool is not None:
             await pool.close()
         with contextlib.suppress(Exception):
@@ -162,15 +176,17 @@ async def run_services(
         await anyio.to_thread.run_sync(app.close)
 
 
-def _worker_jobs(
-    settings: Settings, app: Forgeline, js: Any, stop: asyncio.Event
+async def _worker_jobs(
+    settings: Settings,
+    app: Forgeline,
+    js: Any,
+    stop: asyncio.Event,
+    workspaces: Workspaces,
 ) -> list[Coroutine[Any, Any, None]]:
-    provisioner = LocalProvisioner(settings.workspaces_dir)
-    provisioner.reap()
     executor = Executor(
         app,
         js,
-        provisioner,
+        workspaces.provisioner,
         {"shell": ShellAgent()},
         ExecutorSettings(
             worker=settings.worker_name,
@@ -187,7 +203,7 @@ def _worker_jobs(
         command_message_handler(app),
         stop,
     )
-    return [commands, executor.run(stop)]
+    return [commands, executor.run(stop), workspaces.reap_forever(stop)]
 
 
 async def _serve_http(

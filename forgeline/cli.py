@@ -66,9 +66,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _server_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--data-dir", type=Path, help="embedded servers' data (FORGELINE_DATA_DIR)"
-    )
+    p.add_argument("--data-dir", type=Path, help="embedded servers' data (FORGELINE_DATA_DIR)")
     p.add_argument("--host", help="address the gateway listens on (FORGELINE_HOST)")
     p.add_argument("--port", type=int, help="port the gateway listens on (FORGELINE_PORT)")
 
@@ -112,15 +110,19 @@ async def _serve(settings: Settings, servers: Servers, roles: frozenset[str]) ->
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
 
-    def ready(port: int) -> None:
-        _print_banner(settings, servers, roles, port)
+    status: dict[str, str] = {}
 
-    await run_services(settings, servers, stop, roles, on_ready=ready)
+    def ready(port: int) -> None:
+        _print_banner(settings, servers, roles, port, status)
+
+    await run_services(settings, servers, stop, roles, on_ready=ready, status=status)
     print("forgeline: stopped cleanly", file=sys.stderr)
     return 0
 
 
-def _print_banner(settings: Settings, servers: Servers, roles: frozenset[str], port: int) -> None:
+def _print_banner(
+    settings: Settings, servers: Servers, roles: frozenset[str], port: int, status: dict[str, str]
+) -> None:
     lines = ["", f"Forgeline is up ({', '.join(sorted(roles))})"]
     if "gateway" in roles:
         lines.append(f"  API        http://{settings.host}:{port}")
@@ -129,17 +131,16 @@ def _print_banner(settings: Settings, servers: Servers, roles: frozenset[str], p
         f"  NATS       {servers.nats_url}" + (" (embedded)" if "nats" in servers.embedded else "")
     )
     lines.append("  Postgres   " + ("embedded" if "postgres" in servers.embedded else "external"))
+    workspaces = status.get("workspaces", "")
     if "worker" in roles:
-        lines.append(f"  workspaces {settings.provisioner}, {settings.worker_slots} slot(s)")
-        if settings.provisioner == "local":
+        lines.append(f"  workspaces {workspaces}, {settings.worker_slots} slot(s)")
+        if workspaces.startswith("local"):
             lines.append(
                 "  WARNING    local workspaces are NOT isolated: agents run as this user on this"
-                " machine. Use them only for trusted agents."
+                " machine. Use them only for trusted agents, or start a Docker engine."
             )
     lines.append("Press Ctrl-C to stop.")
     print("\n".join(lines), file=sys.stderr, flush=True)
-    if "worker" in roles and settings.provisioner == "local":
-        log.warning("workspaces: the local provisioner gives agents no isolation from this host")
 
 
 def _demo(args: argparse.Namespace, settings: Settings) -> int:

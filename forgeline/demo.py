@@ -76,12 +76,16 @@ def run_demo(data_dir: Path | None) -> int:
 async def _demo(settings: Settings, servers: Servers, workdir: Path) -> int:
     stop = asyncio.Event()
     ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    status: dict[str, str] = {}
     services = asyncio.create_task(
-        run_services(settings, servers, stop, on_ready=lambda port: ready.set_result(port))
+        run_services(
+            settings, servers, stop, on_ready=lambda port: ready.set_result(port), status=status
+        )
     )
     try:
-        port = await asyncio.wait_for(asyncio.shield(ready), 60)
-        console.print(f"[dim]gateway on http://127.0.0.1:{port} (local workspaces)[/dim]")
+        port = await asyncio.wait_for(asyncio.shield(ready), 600)
+        console.print(f"gateway on http://127.0.0.1:{port}")
+        console.print(f"workspaces: {status.get('workspaces', '?')}")
         return await asyncio.to_thread(_scenario, f"http://127.0.0.1:{port}", workdir)
     finally:
         stop.set()

@@ -134,8 +134,14 @@ async def _jetstream_ready(proc: subprocess.Popen[bytes], url: str, deadline: fl
             raise RuntimeError(f"nats-server exited with code {proc.returncode}")
         try:
             # nats-py retries a first connect max_reconnect_attempts times reconnect_time_wait apart
-            nc = await nats.connect(url, allow_reconnect=False, connect_timeout=1, error_cb=_ignore,
-                                    max_reconnect_attempts=1, reconnect_time_wait=0.05)
+            nc = await nats.connect(
+                url,
+                allow_reconnect=False,
+                connect_timeout=1,
+                error_cb=_ignore,
+                max_reconnect_attempts=1,
+                reconnect_time_wait=0.05,
+            )
             try:
                 await nc.jetstream().account_info()
                 return
@@ -175,7 +181,9 @@ def start_nats(
     log_file = log_path.open("ab")
     proc = subprocess.Popen(
         [str(_nats_binary()), "-c", str(conf)],
-        stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
     )
     url = f"nats://{host}:{port}"
     try:
@@ -253,8 +261,13 @@ def _pg_run(user: _RunAs, cwd: Path, *args: str, check: bool = True) -> tuple[in
     """Run a Postgres binary as the Postgres user; output goes to a file (pipes can hang pg_ctl)."""
     with tempfile.TemporaryFile("w+") as out:
         code = subprocess.run(
-            [str(_pg_bin() / args[0]), *args[1:]], stdin=subprocess.DEVNULL, stdout=out,
-            stderr=subprocess.STDOUT, cwd=cwd, timeout=120, check=False,
+            [str(_pg_bin() / args[0]), *args[1:]],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=cwd,
+            timeout=120,
+            check=False,
             **user.subprocess_kwargs(),
         ).returncode
         out.seek(0)
@@ -280,16 +293,37 @@ class EmbeddedPostgres:
 
     def is_ready(self) -> bool:
         """Whether the server answers on its socket."""
-        code, _ = _pg_run(self._user, self.data_dir, "pg_isready", "-q", "-h",
-                          str(self.socket_dir), "-p", str(self.port), check=False)
+        code, _ = _pg_run(
+            self._user,
+            self.data_dir,
+            "pg_isready",
+            "-q",
+            "-h",
+            str(self.socket_dir),
+            "-p",
+            str(self.port),
+            check=False,
+        )
         return code == 0
 
     def stop(self) -> None:
         """Fast shutdown: open transactions roll back, committed data is safe. Idempotent."""
         if not (self.pgdata / "postmaster.pid").exists():
             return
-        code, output = _pg_run(self._user, self.data_dir, "pg_ctl", "stop", "-D",
-                               str(self.pgdata), "-m", "fast", "-w", "-t", "30", check=False)
+        code, output = _pg_run(
+            self._user,
+            self.data_dir,
+            "pg_ctl",
+            "stop",
+            "-D",
+            str(self.pgdata),
+            "-m",
+            "fast",
+            "-w",
+            "-t",
+            "30",
+            check=False,
+        )
         if code != 0 and self.is_ready():
             raise EmbeddedServerError(f"pg_ctl stop failed with code {code}:\n{output}")
 
@@ -308,8 +342,21 @@ def _start_server(server: EmbeddedPostgres) -> None:
     options = f"-k {shlex.quote(str(server.socket_dir))} -h '' -c max_connections=200"
     log_path = server.pgdata / "server.log"
     try:
-        _pg_run(server._user, server.data_dir, "pg_ctl", "start", "-D", str(server.pgdata),
-                "-w", "-t", "30", "-l", str(log_path), "-o", options)
+        _pg_run(
+            server._user,
+            server.data_dir,
+            "pg_ctl",
+            "start",
+            "-D",
+            str(server.pgdata),
+            "-w",
+            "-t",
+            "30",
+            "-l",
+            str(log_path),
+            "-o",
+            options,
+        )
     except EmbeddedServerError as exc:
         raise EmbeddedServerError(
             f"Postgres did not start: {exc}\nLog {log_path}:\n{_tail(log_path)}\nFix: check that "
@@ -338,8 +385,18 @@ def start_postgres(data_dir: Path, *, dbname: str = "forgeline") -> EmbeddedPost
     _own_dir(server.pgdata, 0o700, user)
     _own_dir(socket_dir, 0o755, user)
     if not (server.pgdata / "PG_VERSION").exists():
-        _pg_run(user, data_dir, "initdb", "-D", str(server.pgdata), "--auth=trust", "-U",
-                "postgres", "--encoding=UTF8", "--no-locale")
+        _pg_run(
+            user,
+            data_dir,
+            "initdb",
+            "-D",
+            str(server.pgdata),
+            "--auth=trust",
+            "-U",
+            "postgres",
+            "--encoding=UTF8",
+            "--no-locale",
+        )
     if (server.pgdata / "postmaster.pid").exists() and server.is_ready():
         log.info("reusing the Postgres already running on %s", server.pgdata)
     else:

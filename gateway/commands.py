@@ -14,6 +14,7 @@ from starlette.responses import JSONResponse
 from broker.commands import AnyCommand, publish_command
 from domain.commands import CancelRequest, RequestSpec, RerunRequest, RerunSpec, SubmitRequest
 from domain.status import RunStatus
+from gateway import idempotency
 from gateway._http import deps, json_body, path_id
 from gateway.errors import ApiError, not_found, validation_failed
 
@@ -40,7 +41,12 @@ async def submit_request(request: Request) -> JSONResponse:
             )
         request_id = uuid.uuid5(_IDEMPOTENCY_NAMESPACE, f"request:{key}")
         run_id = uuid.uuid5(_IDEMPOTENCY_NAMESPACE, f"run:{request_id}:1")
-        await _refuse_key_reuse(request, request_id, spec)
+        if not await idempotency.claim(deps(request).pool, key, request_id, spec):
+            raise ApiError(
+                409,
+                "idempotency_key_reused",
+                "this Idempotency-Key was used for a different request; use a new key",
+            )
     else:
         request_id, run_id = uuid.uuid4(), uuid.uuid4()
     command = SubmitRequest(
@@ -59,16 +65,6 @@ async def submit_request(request: Request) -> JSONResponse:
         },
         status_code=202,
     )
-
-
-async def _refuse_key_reuse(request: Request, request_id: UUID, spec: RequestSpec) -> None:
-    existing = await deps(request).views.get_request(request_id)
-    if existing is not None and (existing["repo"], existing["prompt"]) != (spec.repo, spec.prompt):
-        raise ApiError(
-            409,
-            "idempotency_key_reused",
-            "this Idempotency-Key was used for a different request; use a new key",
-        )
 
 
 async def rerun_request(request: Request) -> JSONResponse:
@@ -103,7 +99,12 @@ async def cancel_request(request: Request) -> JSONResponse:
     existing = await deps(request).views.get_request(request_id)
     assert existing is not None
     await _publish(
-        request, CancelRequest(command_id=f"cancel:{uuid.uuid4()}", request_id=request_id)
+        request,
+        CancelRequest(
+            command_id=f"cancel:{uuid.uuid4()}",
+            request_id=request_id,
+            run_id=UUID(existing["latest_run_id"]),
+        ),
     )
     return JSONResponse(
         {"request_id": str(request_id), "run_id": existing["latest_run_id"]}, status_code=202

@@ -81,7 +81,8 @@ def _rerun(app: Forgeline, command: RerunRequest) -> None:
 
 def _cancel(app: Forgeline, command: CancelRequest) -> None:
     request = app.get_request(command.request_id)
-    run = app.get_run(request.latest_run_id)
+    # A copy of an old cancel must not reach a rerun made since: it names its run.
+    run = app.get_run(command.run_id or request.latest_run_id)
     if run.is_terminal or run.cancel_requested:
         return
     run.request_cancel(command.reason, command.command_id)

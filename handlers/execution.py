@@ -49,6 +49,7 @@ class ExecutorSettings:
     ack_wait_s: float = 30.0
     cancel_poll_s: float = 0.5
     shutdown_grace_s: float = 30.0
+    provision_retries: int = 4
 
 
 class Executor:

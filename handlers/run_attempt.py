@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import random
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -20,11 +22,14 @@ from handlers.workspaces.base import (
     Workspace,
     WorkspaceError,
     WorkspaceSpec,
+    WorkspaceUnavailable,
 )
 from handlers.workspaces.patch import patch_stats
 
 if TYPE_CHECKING:
     from handlers.execution import Executor
+
+log = logging.getLogger(__name__)
 
 
 class RunAttempt:
@@ -37,6 +42,13 @@ class RunAttempt:
     async def go(self) -> None:
         try:
             await self._provision_and_run()
+        except (WorkspaceError, OSError) as exc:
+            # The workspace broke mid-run (e.g. the engine went away): fail, never loop.
+            log.warning("run %s: workspace failed: %s", self._run.id, exc)
+            await self._fail_quietly(FailureCode.WORKSPACE_FAILED, f"workspace failed: {exc}")
+        except Exception as exc:
+            log.exception("run %s: unexpected error", self._run.id)
+            await self._fail_quietly(FailureCode.INTERNAL, f"{type(exc).__name__}: {exc}")
         except asyncio.CancelledError:
             # The worker is stopping: hand the run back so another attempt picks it up.
             with contextlib.suppress(IllegalTransition):
@@ -68,7 +80,10 @@ class RunAttempt:
             f"{request.repo} at {spec.ref or 'HEAD'} (attempt {run.attempt})"
         )
         try:
-            self._workspace = await self._x.provisioner.provision(spec)
+            self._workspace = await self._provision(spec)
+        except WorkspaceUnavailable as exc:
+            await self._fail(FailureCode.WORKSPACE_UNAVAILABLE, str(exc))
+            return
         except RepoUnreachable as exc:
             await self._fail(FailureCode.REPO_UNREACHABLE, str(exc))
             return
@@ -87,6 +102,20 @@ class RunAttempt:
         except IllegalTransition:
             return  # cancelled while provisioning: RunCancelled is recorded already
         await self._run_agent(workspace, dict(request.agent_options))
+
+    async def _provision(self, spec: WorkspaceSpec) -> Workspace:
+        """Retries an engine that does not answer, with exponential backoff and jitter."""
+        retries = self._x.settings.provision_retries
+        for attempt in range(retries + 1):
+            try:
+                return await self._x.provisioner.provision(spec)
+            except WorkspaceUnavailable as exc:
+                if attempt == retries:
+                    raise WorkspaceUnavailable(f"{exc} (tried {retries + 1} times)") from exc
+                delay = min(30.0, 2.0**attempt) * (0.5 + random.random())
+                await self._system(f"{exc}; retrying in {delay:.1f} s")
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
 
     async def _run_agent(self, workspace: Workspace, options: dict[str, Any]) -> None:
         run = self._run
@@ -117,6 +146,8 @@ class RunAttempt:
             )
         else:
             message = f"agent exited with code {exit_code}"
+            if exit_code != 0 and (why := await workspace.describe_exit(exit_code)):
+                message = f"{message}: {why}"
             await self._system(message)
             failure = FailureCode.AGENT_FAILED if exit_code != 0 else None
             await self._finish(workspace, failure, message, exit_code)
@@ -174,6 +205,11 @@ class RunAttempt:
         await self._record(
             lambda r: r.fail(code, message, log_lines=self._log.lines, log_sha256=self._log.sha256)
         )
+
+    async def _fail_quietly(self, code: FailureCode, message: str) -> None:
+        """Records a failure if the run can still fail; a run already ended stays as it is."""
+        with contextlib.suppress(IllegalTransition):
+            await self._fail(code, message)
 
     async def _system(self, line: str) -> None:
         await self._log.write("system", line)

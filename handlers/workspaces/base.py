@@ -14,6 +14,10 @@ class WorkspaceError(Exception):
     """Provisioning or using a workspace failed for a reason of the infrastructure."""
 
 
+class WorkspaceUnavailable(WorkspaceError):
+    """The workspace engine does not answer (e.g. Docker is down): worth retrying later."""
+
+
 class RepoUnreachable(WorkspaceError):
     """The repository cannot be cloned, or the ref does not exist in it."""
 
@@ -60,6 +64,10 @@ class Workspace(Protocol):
 
     async def numstat(self) -> str:
         """`git diff --numstat` of the same change, for the patch summary."""
+        ...
+
+    async def describe_exit(self, exit_code: int) -> str | None:
+        """Why the agent ended with this code, when the workspace knows (e.g. out of memory)."""
         ...
 
     async def close(self) -> None:

@@ -7,17 +7,13 @@ is reachable, for trusted agents (see docs/architecture.md, "Isolation").
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from handlers.workspaces.base import LineSink, RepoUnreachable, WorkspaceError, WorkspaceSpec
-from handlers.workspaces.process import run_checked, run_streaming
-
-# Git must never stop to ask for credentials: a run would hang instead of failing.
-GIT_ENV = {"GIT_TERMINAL_PROMPT": "0", "GIT_ASKPASS": "/bin/true", "LC_ALL": "C"}
-CLONE_TIMEOUT_S = 600.0
+from handlers.workspaces.base import LineSink, WorkspaceSpec
+from handlers.workspaces.git import checkout, git
+from handlers.workspaces.process import run_streaming
 
 
 class LocalWorkspace:
@@ -51,11 +47,14 @@ class LocalWorkspace:
         )
 
     async def diff(self) -> str:
-        await _git(self.repo_dir, "add", "-A")
-        return await _git(self.repo_dir, "diff", "--cached", "--binary", self._base_commit)
+        await git(self.repo_dir, "add", "-A")
+        return await git(self.repo_dir, "diff", "--cached", "--binary", self._base_commit)
 
     async def numstat(self) -> str:
-        return await _git(self.repo_dir, "diff", "--cached", "--numstat", self._base_commit)
+        return await git(self.repo_dir, "diff", "--cached", "--numstat", self._base_commit)
+
+    async def describe_exit(self, exit_code: int) -> str | None:
+        return None
 
     async def close(self) -> None:
         await asyncio.to_thread(shutil.rmtree, self._root, True)
@@ -78,55 +77,8 @@ class LocalProvisioner:
         await asyncio.to_thread(shutil.rmtree, root, True)
         (root / "home").mkdir(parents=True)
         try:
-            base_commit = await _checkout(root / "repo", spec)
+            base_commit = await checkout(root / "repo", spec)
         except BaseException:
             await asyncio.to_thread(shutil.rmtree, root, True)
             raise
         return LocalWorkspace(root, base_commit)
-
-
-async def _checkout(repo_dir: Path, spec: WorkspaceSpec) -> str:
-    code, _, err = await run_checked(
-        ["git", "clone", "--quiet", "--no-checkout", spec.repo, str(repo_dir)],
-        env={**os.environ, **GIT_ENV},
-        timeout_s=CLONE_TIMEOUT_S,
-    )
-    if code != 0:
-        raise RepoUnreachable(f"cannot clone {spec.repo}: {_last_line(err)}")
-    commit = await _resolve(repo_dir, spec.ref)
-    await _git(repo_dir, "checkout", "--quiet", "--detach", commit)
-    if spec.base_patch:
-        code, _, err = await run_checked(
-            ["git", "apply", "--binary", "--whitespace=nowarn", "-"],
-            cwd=repo_dir,
-            env={**os.environ, **GIT_ENV},
-            stdin=spec.base_patch.encode(),
-        )
-        if code != 0:
-            raise WorkspaceError(f"the previous run's patch does not apply: {_last_line(err)}")
-    return commit
-
-
-async def _resolve(repo_dir: Path, ref: str | None) -> str:
-    candidates = ["HEAD"] if ref is None else [ref, f"origin/{ref}"]
-    for candidate in candidates:
-        code, out, _ = await run_checked(
-            ["git", "rev-parse", "--verify", "--quiet", f"{candidate}^{{commit}}"],
-            cwd=repo_dir,
-            env={**os.environ, **GIT_ENV},
-        )
-        if code == 0:
-            return out.strip()
-    raise RepoUnreachable(f"ref {ref or 'HEAD'!r} does not name a commit in the repository")
-
-
-async def _git(repo_dir: Path, *args: str) -> str:
-    code, out, err = await run_checked(["git", *args], cwd=repo_dir, env={**os.environ, **GIT_ENV})
-    if code != 0:
-        raise WorkspaceError(f"git {args[0]} failed: {_last_line(err)}")
-    return out
-
-
-def _last_line(text: str) -> str:
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    return lines[-1] if lines else "no error output"

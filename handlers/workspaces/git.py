@@ -1,0 +1,66 @@
+"""Git on the worker's host: cloning a request's repository at its commit, and diffing."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from handlers.workspaces.base import RepoUnreachable, WorkspaceError, WorkspaceSpec
+from handlers.workspaces.process import run_checked
+
+# Git must never stop to ask for credentials: a run would hang instead of failing.
+GIT_ENV = {"GIT_TERMINAL_PROMPT": "0", "GIT_ASKPASS": "/bin/true", "LC_ALL": "C"}
+CLONE_TIMEOUT_S = 600.0
+
+
+async def checkout(repo_dir: Path, spec: WorkspaceSpec) -> str:
+    """Clones spec.repo into repo_dir, detached at spec.ref with spec.base_patch applied;
+    returns the base commit. Raises RepoUnreachable for a bad repo or ref."""
+    code, _, err = await run_checked(
+        ["git", "clone", "--quiet", "--no-checkout", spec.repo, str(repo_dir)],
+        env=_env(),
+        timeout_s=CLONE_TIMEOUT_S,
+    )
+    if code != 0:
+        raise RepoUnreachable(f"cannot clone {spec.repo}: {last_line(err)}")
+    commit = await _resolve(repo_dir, spec.ref)
+    await git(repo_dir, "checkout", "--quiet", "--detach", commit)
+    if spec.base_patch:
+        code, _, err = await run_checked(
+            ["git", "apply", "--binary", "--whitespace=nowarn", "-"],
+            cwd=repo_dir,
+            env=_env(),
+            stdin=spec.base_patch.encode(),
+        )
+        if code != 0:
+            raise WorkspaceError(f"the previous run's patch does not apply: {last_line(err)}")
+    return commit
+
+
+async def _resolve(repo_dir: Path, ref: str | None) -> str:
+    candidates = ["HEAD"] if ref is None else [ref, f"origin/{ref}"]
+    for candidate in candidates:
+        code, out, _ = await run_checked(
+            ["git", "rev-parse", "--verify", "--quiet", f"{candidate}^{{commit}}"],
+            cwd=repo_dir,
+            env=_env(),
+        )
+        if code == 0:
+            return out.strip()
+    raise RepoUnreachable(f"ref {ref or 'HEAD'!r} does not name a commit in the repository")
+
+
+async def git(repo_dir: Path, *args: str) -> str:
+    code, out, err = await run_checked(["git", *args], cwd=repo_dir, env=_env())
+    if code != 0:
+        raise WorkspaceError(f"git {args[0]} failed: {last_line(err)}")
+    return out
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, **GIT_ENV}
+
+
+def last_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "no error output"
