@@ -27,6 +27,7 @@ from tests.helpers import free_port, wait_until
 
 TERMINAL_REQUEST = {"patch_ready", "failed", "cancelled"}
 TERMINAL_RUN = {"succeeded", "failed", "cancelled"}
+PROVISIONER = "local"
 
 
 def forgeline_executable() -> str:
@@ -73,7 +74,13 @@ class Instance:
 
     def env(self) -> dict[str, str]:
         return clean_env(
-            data_dir=str(self.data_dir), host="127.0.0.1", port=str(self.port), log_level="INFO"
+            data_dir=str(self.data_dir),
+            host="127.0.0.1",
+            port=str(self.port),
+            log_level="INFO",
+            # Local workspaces: fast and the same on every machine (Docker workspaces need an
+            # engine and an image; their own tests cover them).
+            provisioner=PROVISIONER,
         )
 
     def start(self, ready_timeout: float = 60.0) -> None:
