@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -16,8 +17,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("--rounds", type=int, default=30, help="measured rounds per case")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--no-docker", action="store_true", help="skip the Docker cases")
     args = parser.parse_args()
-    results = [e2e_latency.run(rounds=args.rounds)]
+    results = [e2e_latency.run("local", rounds=args.rounds)]
+    if not args.no_docker and shutil.which("docker"):
+        results.append(e2e_latency.run("docker", rounds=args.rounds))
     print(f"{'case':34} {'forgeline median':>17} {'floor median':>13} {'ratio':>7}")
     for r in results:
         print(

@@ -1,9 +1,10 @@
 """POST /v1/requests -> patch_ready for a trivial shell request, against its floor.
 
-The floor is the same work done by hand in the same run: `git clone`, run the script,
-`git add -A && git diff --cached` (what the local provisioner and the shell agent do),
-without HTTP, NATS, Postgres or projections. The ratio is the price of the event-sourced,
-broker-based path: durability, audit history and live logs.
+The floor is the same work done by hand in the same run, without HTTP, NATS, Postgres or
+projections. Local: `git clone`, run the script, `git add -A && git diff --cached`. Docker:
+`git clone` on the host, then one `docker run --rm --network none` of the workspace image that
+unpacks the repository from stdin, runs the script and prints the diff. The ratio is the price
+of the event-sourced, broker-based path: durability, audit history, live logs, limits.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 
@@ -51,6 +52,39 @@ def by_hand(repo: Path, workdir: Path, index: int) -> float:
     return time.perf_counter() - start
 
 
+def by_hand_docker(repo: Path, workdir: Path, index: int, image: str) -> float:
+    start = time.perf_counter()
+    clone = workdir / f"dock-{index}"
+    subprocess.run(["git", "clone", "-q", str(repo), str(clone)], check=True)
+    archive = subprocess.run(
+        ["tar", "-C", str(clone), "-c", "."], check=True, capture_output=True
+    ).stdout
+    inside = (
+        f"cd /workspace && tar x && {SCRIPT.strip()} && git add -A "
+        "&& git diff --cached --binary HEAD"
+    )
+    subprocess.run(
+        [
+            "docker",
+            "run",
+            "--rm",
+            "-i",
+            "--network",
+            "none",
+            "--user",
+            "0",
+            image,
+            "sh",
+            "-c",
+            f"git config --global --add safe.directory '*' && {inside}",
+        ],
+        input=archive,
+        check=True,
+        capture_output=True,
+    )
+    return time.perf_counter() - start
+
+
 async def through_forgeline(client: httpx.AsyncClient, repo: Path) -> float:
     start = time.perf_counter()
     accepted = await client.post("/v1/requests", json={"repo": str(repo), "prompt": SCRIPT})
@@ -61,7 +95,8 @@ async def through_forgeline(client: httpx.AsyncClient, repo: Path) -> float:
         if response.status_code == 200 and response.json()["status"] == "patch_ready":
             return time.perf_counter() - start
         if response.status_code == 200 and response.json()["status"] in ("failed", "cancelled"):
-            raise RuntimeError(f"benchmark request ended {response.json()['status']}")
+            run = (await client.get(f"/v1/runs/{response.json()['latest_run_id']}")).json()
+            raise RuntimeError(f"benchmark request ended {run['status']}: {run['error']}")
         await asyncio.sleep(0.005)
 
 
@@ -75,15 +110,23 @@ def summary(samples: list[float]) -> dict[str, float]:
     }
 
 
-def run(rounds: int = 30, warmup: int = 3) -> dict[str, Any]:
+def run(provisioner: Literal["local", "docker"] = "local", rounds: int = 30, warmup: int = 3) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="fl-bench-", dir="/tmp"))
     repo = make_repo(workdir / "repo")
-    settings = Settings(data_dir=workdir / "data", port=0, log_level="WARNING")
+    settings = Settings(
+        data_dir=workdir / "data", port=0, log_level="WARNING", provisioner=provisioner
+    )
     with running_servers(settings, progress=lambda _m: None) as servers:
         forgeline = asyncio.run(_forgeline_samples(settings, servers, repo, rounds, warmup))
-    hand = [by_hand(repo, workdir, i) for i in range(rounds + warmup)][warmup:]
-    result = {
-        "case": "post_to_patch_ready_local",
+    if provisioner == "docker":
+        hand = [
+            by_hand_docker(repo, workdir, i, settings.workspace_image)
+            for i in range(rounds + warmup)
+        ][warmup:]
+    else:
+        hand = [by_hand(repo, workdir, i) for i in range(rounds + warmup)][warmup:]
+    result: dict[str, Any] = {
+        "case": f"post_to_patch_ready_{provisioner}",
         "forgeline": summary(forgeline),
         "by_hand": summary(hand),
     }
