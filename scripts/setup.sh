@@ -8,7 +8,11 @@ cd "$(dirname "$0")/.."
 say() { printf '==> %s\n' "$*"; }
 
 # ---- system packages ---------------------------------------------------------------------------
-# RESERVED: a later issue installs Debian's docker.io here (Docker workspace adapter).
+# Docker workspaces: a Docker engine (Debian's docker.io, started when root) and debootstrap for
+# the offline workspace image. FORGELINE_SKIP_DOCKER=1 skips it (local workspaces only).
+if [ "${FORGELINE_SKIP_DOCKER:-0}" != 1 ]; then
+    bash scripts/ensure-docker.sh
+fi
 # -----------------------------------------------------------------------------------------------
 
 find_python() {
