@@ -110,7 +110,9 @@ def summary(samples: list[float]) -> dict[str, float]:
     }
 
 
-def run(provisioner: Literal["local", "docker"] = "local", rounds: int = 30, warmup: int = 3) -> dict[str, Any]:
+def run(
+    provisioner: Literal["local", "docker"] = "local", rounds: int = 30, warmup: int = 3
+) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="fl-bench-", dir="/tmp"))
     repo = make_repo(workdir / "repo")
     settings = Settings(

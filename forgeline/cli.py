@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from forgeline import client_commands
+from forgeline import client_commands, image_commands
 from forgeline.bootstrap import ALL_ROLES, Servers, run_services, running_servers
 from forgeline.settings import Settings
 
@@ -62,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=_demo)
 
     client_commands.add_parsers(sub)
+    image_commands.add_parsers(sub)
     return parser
 
 

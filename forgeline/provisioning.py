@@ -115,6 +115,7 @@ async def _engine(settings: Settings) -> aiodocker.Docker | None:
 async def _docker_workspaces(
     settings: Settings, app: Forgeline, docker: aiodocker.Docker, progress: Callable[[str], None]
 ) -> Workspaces:
+    from forgeline.image_commands import cache_dir
     from handlers.workspaces.image import ensure_image  # only where Docker is used
 
     try:
@@ -123,7 +124,7 @@ async def _docker_workspaces(
             settings.workspace_image,
             mirror=settings.debian_mirror,
             progress=progress,
-            cache_dir=settings.data_dir / "image-cache",
+            cache_dir=cache_dir(settings),
         )
     except BaseException:
         await docker.close()

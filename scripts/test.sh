@@ -5,6 +5,12 @@ cd "$(dirname "$0")/.."
 
 bash scripts/setup.sh
 
+if timeout 15 docker info >/dev/null 2>&1; then
+    # Built once and cached by the engine; a no-op when the image is current.
+    echo "==> workspace image"
+    .venv/bin/forgeline image build
+fi
+
 echo "==> ruff"
 .venv/bin/ruff check .
 echo "==> import contracts"
