@@ -124,11 +124,13 @@ async def run_services(
     roles: frozenset[str] = ALL_ROLES,
     on_ready: Callable[[int], None] | None = None,
     status: dict[str, str] | None = None,
+    progress: Callable[[str], None] = log.info,
 ) -> None:
     """Runs the roles until stop is set or one of them fails; then closes everything.
 
     on_ready gets the gateway's port (0 without a gateway) once everything runs; status, when
-    given, is filled with what was chosen at start-up (e.g. status["workspaces"]).
+    given, is filled with what was chosen at start-up (e.g. status["workspaces"]); progress
+    shows long start-up work (building the workspace image).
     """
     app = await anyio.to_thread.run_sync(open_store, servers.database_url)
     nc = await connect(servers.nats_url, name=f"forgeline-{settings.worker_name}")
@@ -140,7 +142,7 @@ async def run_services(
         projector = ProjectionRunner(app, servers.database_url)
         await anyio.to_thread.run_sync(projector.create_tables)
         if "worker" in roles:  # first: it may fail (no engine, no image) before anything runs
-            workspaces = await open_workspaces(settings, app)
+            workspaces = await open_workspaces(settings, app, progress)
             if status is not None:
                 status["workspaces"] = workspaces.description
         jobs: list[Coroutine[Any, Any, None]] = []

@@ -116,7 +116,15 @@ async def _serve(settings: Settings, servers: Servers, roles: frozenset[str]) ->
     def ready(port: int) -> None:
         _print_banner(settings, servers, roles, port, status)
 
-    await run_services(settings, servers, stop, roles, on_ready=ready, status=status)
+    await run_services(
+        settings,
+        servers,
+        stop,
+        roles,
+        on_ready=ready,
+        status=status,
+        progress=lambda line: print(line, file=sys.stderr, flush=True),
+    )
     print("forgeline: stopped cleanly", file=sys.stderr)
     return 0
 

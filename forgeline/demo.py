@@ -79,7 +79,12 @@ async def _demo(settings: Settings, servers: Servers, workdir: Path) -> int:
     status: dict[str, str] = {}
     services = asyncio.create_task(
         run_services(
-            settings, servers, stop, on_ready=lambda port: ready.set_result(port), status=status
+            settings,
+            servers,
+            stop,
+            on_ready=lambda port: ready.set_result(port),
+            status=status,
+            progress=lambda line: console.print(f"[dim]{line}[/dim]"),
         )
     )
     try:
