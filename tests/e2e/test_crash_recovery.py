@@ -1,10 +1,15 @@
-"""kill -9 of `forgeline up` (and its NATS) mid-request; after a restart on the same data dir,
-the request still completes with its patch, once."""
+"""SIGTERM or kill -9 of `forgeline up` (and its NATS) mid-request; after a restart on the same
+data dir, the requests still complete with their patches, once."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -22,6 +27,7 @@ from tests.e2e.support import (
     wait_request,
     wait_run,
 )
+from tests.helpers import wait_until
 
 SLOW_SCRIPT = """\
 echo "working"
@@ -40,10 +46,45 @@ def instance() -> Iterator[Instance]:
         instance.cleanup()
 
 
-def test_requests_survive_kill_9_and_restart(instance: Instance, tmp_path: Path) -> None:
-    """One request is mid-run, another was accepted a moment ago, when everything is killed."""
+def _check_completed(
+    api: httpx.Client, repo: Path, accepted: dict[str, Any], clone: Path, attempts: set[int]
+) -> None:
+    view = wait_request(api, accepted["request_id"], timeout=90)
+    assert view["status"] == "patch_ready", view
+    run = api.get(f"/v1/runs/{accepted['run_id']}").json()
+    assert run["status"] == "succeeded", run
+    assert run["attempt"] in attempts, run
+    assert [r["id"] for r in view["runs"]] == [accepted["run_id"]]
+
+    patch = api.get(f"/v1/runs/{accepted['run_id']}/patch").text
+    apply_to_clone(repo, patch, clone)
+    assert tree_files(clone) == {"README.md": "# crash\n", "result.txt": "survived\n"}
+
+    history = events(api, accepted["request_id"])
+    types = [e["type"] for e in history]
+    assert types.count("RequestSubmitted") == 1, types
+    assert types.count("RunSucceeded") == 1, types
+    assert types[-1] == "RunSucceeded", types
+    if run["attempt"] == 2:
+        assert "RunRequeued" in types, types
+    positions = [e["position"] for e in history]
+    assert positions == sorted(positions)
+
+
+def test_requests_survive_sigterm_and_kill_9(instance: Instance, tmp_path: Path) -> None:
     repo = make_repo(tmp_path / "repo", {"README.md": "# crash\n"})
     instance.start()
+
+    # SIGTERM while a run is going: a clean stop hands the run back, the next start resumes it.
+    with httpx.Client(base_url=instance.url, timeout=30.0) as api:
+        stopped = submit(api, repo, SLOW_SCRIPT)
+        wait_run(api, stopped["run_id"], {"running"}, timeout=30)
+    stop_cleanly(instance)
+    instance.start()
+    with httpx.Client(base_url=instance.url, timeout=30.0) as api:
+        _check_completed(api, repo, stopped, tmp_path / "clone-stopped", {2})
+
+    # kill -9 of everything: one request is mid-run, another was accepted a moment ago.
     with httpx.Client(base_url=instance.url, timeout=30.0) as api:
         running = submit(api, repo, SLOW_SCRIPT)
         wait_run(api, running["run_id"], {"running"}, timeout=30)
@@ -52,30 +93,47 @@ def test_requests_survive_kill_9_and_restart(instance: Instance, tmp_path: Path)
 
     instance.start()  # same data dir, same port
     with httpx.Client(base_url=instance.url, timeout=30.0) as api:
-        for n, accepted in enumerate([just_accepted, running]):
-            # A run whose worker died is redelivered once its ack wait (30 s) runs out.
-            view = wait_request(api, accepted["request_id"], timeout=90)
-            assert view["status"] == "patch_ready", (view, instance.log_tail())
-            run = api.get(f"/v1/runs/{accepted['run_id']}").json()
-            assert run["status"] == "succeeded", run
-            assert run["attempt"] in (1, 2), run
-            if accepted is running:
-                assert run["attempt"] == 2, "the attempt that was killed counts"
-            assert [r["id"] for r in view["runs"]] == [accepted["run_id"]]
-
-            patch = api.get(f"/v1/runs/{accepted['run_id']}/patch").text
-            clone = apply_to_clone(repo, patch, tmp_path / f"clone{n}")
-            assert tree_files(clone) == {"README.md": "# crash\n", "result.txt": "survived\n"}
-
-            history = events(api, accepted["request_id"])
-            types = [e["type"] for e in history]
-            assert types.count("RequestSubmitted") == 1, types
-            assert types.count("RunSucceeded") == 1, types
-            assert types[-1] == "RunSucceeded", types
-            if run["attempt"] == 2:
-                assert "RunRequeued" in types, types
-            positions = [e["position"] for e in history]
-            assert positions == sorted(positions)
-        listed = [item["id"] for item in all_requests(api)]
-        assert sorted(listed) == sorted([running["request_id"], just_accepted["request_id"]])
+        _check_completed(api, repo, just_accepted, tmp_path / "clone-accepted", {1, 2})
+        # A run whose worker died is redelivered once its ack wait (30 s) runs out.
+        _check_completed(api, repo, running, tmp_path / "clone-running", {2})
+        listed = sorted(item["id"] for item in all_requests(api))
+        assert listed == sorted(r["request_id"] for r in (stopped, running, just_accepted))
     stop_cleanly(instance)
+
+
+def _processes(argv: list[str]) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if (proc / "cmdline").read_bytes().split(b"\0")[: len(argv)] == [
+                    a.encode() for a in argv
+                ]:
+                    pids.append(int(proc.name))
+            except OSError:
+                continue
+    return pids
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: with local workspaces an agent outlives a kill -9 of its worker (it runs in its "
+    "own session, handlers/workspaces/process.py) and nothing stops it after the restart "
+    "(LocalProvisioner.reap only deletes directories); the new attempt runs beside it",
+)
+def test_the_agent_of_a_killed_worker_does_not_run_on(instance: Instance, tmp_path: Path) -> None:
+    repo = make_repo(tmp_path / "repo", {"README.md": "# crash\n"})
+    marker = f"45.{uuid.uuid4().int % 10**6:06d}"
+    try:
+        instance.start()
+        with httpx.Client(base_url=instance.url, timeout=30.0) as api:
+            accepted = submit(api, repo, f"sleep {marker}\n")
+            wait_run(api, accepted["run_id"], {"running"}, timeout=30)
+            wait_until(lambda: _processes(["sleep", marker]), 10, "the agent to start")
+        instance.kill()
+        instance.start()
+        wait_until(lambda: not _processes(["sleep", marker]), 5, "the lost agent to be stopped")
+    finally:
+        for pid in _processes(["sleep", marker]):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

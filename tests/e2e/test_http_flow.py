@@ -19,6 +19,7 @@ from tests.e2e.support import (
     get_request,
     make_repo,
     read_logs,
+    sse,
     submit,
     tree_files,
     wait_request,
@@ -322,3 +323,41 @@ def test_post_to_patch_ready_latency(api: httpx.Client, tmp_path: Path) -> None:
         f"\nPOST -> patch_ready: median {median * 1000:.0f} ms, max {max(durations) * 1000:.0f} ms"
     )
     assert median < 5.0, durations
+
+
+def test_logs_arrive_live_while_the_run_is_going(api: httpx.Client, tmp_path: Path) -> None:
+    repo = make_repo(tmp_path / "repo", ORIGINAL)
+    accepted = submit(api, repo, "echo early\nsleep 2\necho late\n")
+    run_id = accepted["run_id"]
+    wait_until(lambda: api.get(f"/v1/runs/{run_id}").status_code == 200, 30, "the run")
+    arrivals: dict[str, float] = {}
+    ended = None
+    for event, data in sse(api, run_id):
+        if event == "log":
+            arrivals.setdefault(data["line"], time.monotonic())
+        elif event == "end":
+            ended = data
+            break
+    assert ended == {"status": "succeeded"}
+    assert arrivals["late"] - arrivals["early"] > 1.0, "`early` came while the script slept"
+
+
+def test_a_script_over_its_timeout_is_stopped_and_fails(api: httpx.Client, tmp_path: Path) -> None:
+    repo = make_repo(tmp_path / "repo", ORIGINAL)
+    started = time.monotonic()
+    accepted = submit(api, repo, "echo slow\nsleep 30\n", timeout_s=1)
+    view = wait_request(api, accepted["request_id"], timeout=20)
+    assert time.monotonic() - started < 15
+    assert view["status"] == "failed"
+    run = api.get(f"/v1/runs/{accepted['run_id']}").json()
+    assert run["error"] is not None and "time" in run["error"]["code"], run
+
+
+def test_many_requests_at_once_all_complete(api: httpx.Client, tmp_path: Path) -> None:
+    repo = make_repo(tmp_path / "repo", ORIGINAL)
+    accepted = [submit(api, repo, f"sleep 0.3\necho {n} > n{n}.txt") for n in range(10)]
+    for n, item in enumerate(accepted):
+        view = wait_request(api, item["request_id"], timeout=60)
+        assert view["status"] == "patch_ready", view
+        patch = api.get(f"/v1/runs/{item['run_id']}/patch").text
+        assert f"+++ b/n{n}.txt" in patch and patch.count("diff --git") == 1
