@@ -10,6 +10,7 @@ import uuid
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.e2e.support import (
     all_requests,
@@ -361,3 +362,18 @@ def test_many_requests_at_once_all_complete(api: httpx.Client, tmp_path: Path) -
         assert view["status"] == "patch_ready", view
         patch = api.get(f"/v1/runs/{item['run_id']}/patch").text
         assert f"+++ b/n{n}.txt" in patch and patch.count("diff --git") == 1
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: handlers/workspaces/process.py run_streaming gives the output readers 1 s (+1 s "
+    "after SIGKILL) once the script has exited, then cancels them: a script that prints faster "
+    "than lines are published (20000 lines) loses the tail of its log, and log_lines agrees",
+)
+def test_a_chatty_script_keeps_every_line(api: httpx.Client, tmp_path: Path) -> None:
+    repo = make_repo(tmp_path / "repo", ORIGINAL)
+    accepted = submit(api, repo, "seq 1 20000\n")
+    wait_request(api, accepted["request_id"], timeout=60)
+    stream = read_logs(api, accepted["run_id"], timeout=120)
+    stdout = [data["line"] for event, data in stream if data.get("stream") == "stdout"]
+    assert len(stdout) == 20000 and stdout[-1] == "20000", (len(stdout), stdout[-1:])
