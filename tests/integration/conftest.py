@@ -8,6 +8,7 @@ empty streams. An embedded nats-server starts in a fraction of a second.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import time
 from collections import Counter
@@ -52,6 +53,19 @@ async def eventually(
             detail = f" (last error: {last_error!r})" if last_error else ""
             raise AssertionError(f"timed out after {timeout}s waiting for {message}{detail}")
         await asyncio.sleep(interval)
+
+
+async def kill(task: asyncio.Task[Any]) -> None:
+    """Cancels the task wherever it is, like a crash, and waits until it is gone.
+
+    One cancel is not always enough on Python 3.11: asyncio.wait_for (used inside nats-py)
+    drops a cancellation that arrives just as the awaited reply does, and the task goes on.
+    """
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.05)
+    with contextlib.suppress(asyncio.CancelledError):
+        task.result()
 
 
 @pytest.fixture

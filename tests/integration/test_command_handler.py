@@ -8,7 +8,6 @@ store must hold each fact once.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -26,7 +25,7 @@ from domain.commands import CancelRequest, RequestSpec, RerunRequest, SubmitRequ
 from domain.status import RunStatus
 from forgeline.bootstrap import open_store
 from handlers.commands import command_message_handler
-from tests.integration.conftest import event_type_counts, eventually, in_thread
+from tests.integration.conftest import event_type_counts, eventually, in_thread, kill
 
 
 def submit_command(repo: str = "/srv/repo", prompt: str = "echo hi") -> SubmitRequest:
@@ -91,9 +90,7 @@ async def command_handler(js: JetStreamContext, app: Forgeline) -> AsyncIterator
         # The consumer notices stop only when its 1 s fetch times out; the tests leave the
         # block once every command was acknowledged, so cancelling the fetch loses nothing.
         stop.set()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await kill(task)
 
 
 async def handled(js: JetStreamContext, timeout: float = 10.0) -> None:
