@@ -27,6 +27,7 @@ from broker.streams import StreamSettings, ensure_streams
 from domain.application import Forgeline
 from forgeline.provisioning import Workspaces, open_workspaces
 from forgeline.settings import Settings, eventsourcing_env
+from forgeline.startup import ALL_ROLES, StartupError
 from gateway import idempotency
 from gateway.app import create_app
 from gateway.deps import GatewayDeps
@@ -38,8 +39,6 @@ from projections.schema import SCHEMA_LOCK_KEY
 from projections.views import Views
 
 log = logging.getLogger("forgeline")
-
-ALL_ROLES = frozenset({"gateway", "worker", "relay", "projector"})
 
 
 @dataclass
@@ -196,6 +195,7 @@ async def _worker_jobs(
             max_attempts=settings.max_attempts,
             patch_max_bytes=settings.patch_max_bytes,
             shutdown_grace_s=settings.shutdown_grace_s,
+            ack_wait_s=settings.run_ack_wait_s,
         ),
     )
     commands = consume(
@@ -223,11 +223,11 @@ async def _serve_http(
         access_log=False,
     )
     server = _QuietServer(config)
-    serving = asyncio.create_task(server.serve())
+    serving = asyncio.create_task(_serve_or_explain(server, settings))
     while not server.started:
         if serving.done():
-            await serving  # raises what made it fail (e.g. the port is taken)
-            raise RuntimeError(f"the gateway could not listen on {settings.host}:{settings.port}")
+            await serving  # raises StartupError: why it could not listen
+            raise StartupError(f"the gateway could not listen on {settings.host}:{settings.port}")
         await asyncio.sleep(0.02)
     port = server.servers[0].sockets[0].getsockname()[1]
     if on_ready is not None:
@@ -235,6 +235,17 @@ async def _serve_http(
     await stop.wait()
     server.should_exit = True
     await serving
+
+
+async def _serve_or_explain(server: uvicorn.Server, settings: Settings) -> None:
+    """Uvicorn logs a failed bind and exits the process; make it an error that names the fix."""
+    try:
+        await server.serve()
+    except SystemExit:
+        raise StartupError(
+            f"the gateway could not listen on {settings.host}:{settings.port} (is the port "
+            "taken? pick another with --port or FORGELINE_PORT)"
+        ) from None
 
 
 async def _run_until_stopped(jobs: list[Coroutine[Any, Any, None]], stop: asyncio.Event) -> None:

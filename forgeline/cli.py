@@ -10,13 +10,17 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
 from forgeline import client_commands, image_commands
-from forgeline.bootstrap import ALL_ROLES, Servers, run_services, running_servers
 from forgeline.settings import Settings
+from forgeline.startup import ALL_ROLES
+
+if TYPE_CHECKING:
+    from forgeline.bootstrap import Servers
+
 
 log = logging.getLogger("forgeline")
 
@@ -91,6 +95,7 @@ def _configure_logging(level: str) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+# Server commands import the whole system lazily: client commands start fast without it.
 def _up(args: argparse.Namespace, settings: Settings) -> int:
     roles: frozenset[str] = args.roles
     if roles != ALL_ROLES and not (settings.nats_url and settings.database_url):
@@ -100,12 +105,23 @@ def _up(args: argparse.Namespace, settings: Settings) -> int:
             file=sys.stderr,
         )
         return 2
+    from forgeline.bootstrap import running_servers
+    from forgeline.embedded import EmbeddedServerError
+    from forgeline.startup import StartupError
+    from handlers.workspaces.base import WorkspaceError
+
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    with running_servers(settings, progress=lambda m: print(m, file=sys.stderr)) as servers:
-        return asyncio.run(_serve(settings, servers, roles))
+    try:
+        with running_servers(settings, progress=lambda m: print(m, file=sys.stderr)) as servers:
+            return asyncio.run(_serve(settings, servers, roles))
+    except (StartupError, EmbeddedServerError, WorkspaceError) as exc:
+        print(f"forgeline: cannot start: {exc}", file=sys.stderr)
+        return 1
 
 
 async def _serve(settings: Settings, servers: Servers, roles: frozenset[str]) -> int:
+    from forgeline.bootstrap import run_services
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -12,10 +12,17 @@ import httpx
 class ClientError(Exception):
     """An error answer from the gateway, or no answer at all; the message names the fix."""
 
-    def __init__(self, message: str, status: int | None = None, code: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        status: int | None = None,
+        code: str | None = None,
+        details: list[dict[str, Any]] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
+        self.details = details or []
 
 
 class ForgelineClient:
@@ -105,7 +112,10 @@ def _error_from(response: httpx.Response) -> ClientError:
     try:
         error = response.json()["error"]
         return ClientError(
-            f"{error['message']} ({error['code']})", response.status_code, error["code"]
+            f"{error['message']} ({error['code']})",
+            response.status_code,
+            error["code"],
+            list(error.get("details") or []),
         )
     except (ValueError, KeyError, TypeError):
         return ClientError(

@@ -14,8 +14,9 @@ from rich.table import Table
 from forgeline.client import ClientError, ForgelineClient
 from forgeline.settings import Settings
 
-_out = Console(highlight=False)
-_err = Console(stderr=True, highlight=False)
+# Piped output is never wrapped or cut: ids must survive `| xargs` and copy-paste.
+_out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 10_000)
+_err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 TERMINAL_REQUEST = {"patch_ready", "failed", "cancelled"}
 
@@ -71,7 +72,10 @@ def _guarded(run: Any) -> Any:
             with _client(settings) as client:
                 return int(run(client, args))
         except ClientError as exc:
-            _err.print(f"[red]error:[/red] {exc}")
+            _err.print(f"[red]error:[/red] {exc}", markup=True)
+            for detail in exc.details:
+                field = detail.get("field") or "body"
+                _err.print(f"  {field}: {detail.get('message')}", markup=False)
             return 1
 
     return wrapper

@@ -9,21 +9,15 @@ import shutil
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import aiodocker
-from aiodocker.exceptions import DockerError
 from rich.console import Console
 from rich.table import Table
 
 from forgeline.settings import Settings
-from handlers.workspaces.image import (
-    RECIPE,
-    ImageUnavailable,
-    ensure_image,
-    image_info,
-    mirror_from_apt,
-)
+
+if TYPE_CHECKING:  # imported when a command runs: `forgeline status` need not load aiohttp
+    import aiodocker
 
 _out = Console(highlight=False)
 _err = Console(stderr=True, highlight=False)
@@ -58,6 +52,11 @@ def _info(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _with_docker(settings: Settings, run: Callable[[aiodocker.Docker], Awaitable[int]]) -> int:
+    import aiodocker
+    from aiodocker.exceptions import DockerError
+
+    from handlers.workspaces.image import ImageUnavailable
+
     async def main() -> int:
         try:
             docker = aiodocker.Docker(url=settings.docker_url)
@@ -90,6 +89,8 @@ def _no_engine(settings: Settings, exc: Exception) -> int:
 
 
 async def _build_async(docker: aiodocker.Docker, args: argparse.Namespace, s: Settings) -> int:
+    from handlers.workspaces.image import ensure_image, image_info
+
     image, started = s.workspace_image, time.monotonic()
     verbose = args.verbose or not _err.is_terminal
     with _err.status(f"checking {image}") as status:
@@ -126,6 +127,8 @@ async def _build_async(docker: aiodocker.Docker, args: argparse.Namespace, s: Se
 
 
 async def _info_async(docker: aiodocker.Docker, s: Settings) -> int:
+    from handlers.workspaces.image import RECIPE, image_info, mirror_from_apt
+
     info = await image_info(docker, s.workspace_image)
     meaning = {
         "fresh": "present, built from the current recipe",

@@ -15,6 +15,7 @@ from eventsourcing.application import AggregateNotFoundError
 
 from domain.application import Forgeline
 from forgeline.settings import Settings
+from forgeline.startup import StartupError
 from handlers.workspaces.base import Provisioner
 from handlers.workspaces.docker import ContainerLimits, DockerProvisioner, reap
 from handlers.workspaces.local import LocalProvisioner
@@ -25,7 +26,7 @@ ENGINE_PROBE_TIMEOUT_S = 5.0
 REAP_INTERVAL_S = 60.0
 
 
-class DockerRequired(RuntimeError):
+class DockerRequired(StartupError):
     """FORGELINE_PROVISIONER=docker, but no Docker engine answers."""
 
 

@@ -7,7 +7,6 @@ import socket
 from pathlib import Path
 from typing import Literal
 
-from psycopg.conninfo import conninfo_to_dict
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -46,6 +45,8 @@ class Settings(BaseSettings):
     max_attempts: int = Field(default=3, ge=1, le=20)
     patch_max_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     shutdown_grace_s: float = Field(default=30.0, ge=0)
+    # A run whose worker stops heartbeating for this long is recovered by another worker.
+    run_ack_wait_s: float = Field(default=15.0, ge=3.0, le=600.0)
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
     log_level: str = "INFO"
 
@@ -60,6 +61,8 @@ class Settings(BaseSettings):
 
 def eventsourcing_env(database_url: str) -> dict[str, str]:
     """The eventsourcing library's settings for a Postgres URL (socket dirs included)."""
+    from psycopg.conninfo import conninfo_to_dict  # servers only: keeps client commands quick
+
     params = conninfo_to_dict(database_url)
     env = {
         "PERSISTENCE_MODULE": "eventsourcing.postgres",

@@ -48,7 +48,10 @@ async def get_run(request: Request) -> JSONResponse:
 
 async def get_patch(request: Request) -> Response:
     run_id = path_id(request, "run")
-    diff = await deps(request).views.get_run_diff(run_id)
+    views = deps(request).views
+    diff = await views.get_run_diff(run_id)
+    if diff is None and await views.get_run(run_id) is None:
+        raise not_found("run", str(run_id))
     if not diff:
         raise ApiError(404, "not_found", f"run {run_id} has no patch (yet)")
     return Response(diff, media_type="text/x-diff")

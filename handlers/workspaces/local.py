@@ -7,7 +7,10 @@ is reachable, for trusted agents (see docs/architecture.md, "Isolation").
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import shutil
+import signal
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -41,7 +44,8 @@ class LocalWorkspace:
         on_line: LineSink,
         timeout_s: float,
     ) -> int:
-        full_env = {"HOME": str(self.home), **env}
+        # The marker lets a later worker find this agent's processes if this one dies.
+        full_env = {"HOME": str(self.home), **env, _MARKER: str(self._root)}
         return await run_streaming(
             argv, cwd=self.repo_dir, env=full_env, on_line=on_line, timeout_s=timeout_s
         )
@@ -67,10 +71,16 @@ class LocalProvisioner:
         self._dir = workspaces_dir
 
     def reap(self) -> None:
-        """Removes every workspace left behind by an earlier process of this worker."""
-        if self._dir.exists():
-            for leftover in self._dir.iterdir():
-                shutil.rmtree(leftover, ignore_errors=True)
+        """Removes every workspace left behind by an earlier process of this worker, and kills
+        the agents still running in them (they run in sessions of their own, so a killed
+        worker does not take them along)."""
+        if not self._dir.exists():
+            return
+        for pid in _leftover_agents(self._dir.resolve()):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        for leftover in self._dir.iterdir():
+            shutil.rmtree(leftover, ignore_errors=True)
 
     async def provision(self, spec: WorkspaceSpec) -> LocalWorkspace:
         root = self._dir / str(spec.run_id)
@@ -82,3 +92,22 @@ class LocalProvisioner:
             await asyncio.to_thread(shutil.rmtree, root, True)
             raise
         return LocalWorkspace(root, base_commit)
+
+
+_MARKER = "FORGELINE_WORKSPACE"
+
+
+def _leftover_agents(workspaces: Path) -> list[int]:
+    """Processes whose environment marks them as agents of a workspace under this folder."""
+    prefix = f"{_MARKER}={workspaces}/".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if any(item.startswith(prefix) for item in environ.split(b"\0")):
+            found.append(int(entry.name))
+    return found

@@ -13,6 +13,7 @@ from handlers.workspaces.base import AgentTimedOut, LineSink
 
 _READ_LIMIT = 1024 * 1024
 _KILL_GRACE_S = 2.0
+_DRAIN_S = 60.0  # reading what an agent printed before it ended
 
 
 async def run_streaming(
@@ -39,24 +40,29 @@ async def run_streaming(
         asyncio.create_task(_pump(proc.stdout, "stdout", on_line)),
         asyncio.create_task(_pump(proc.stderr, "stderr", on_line)),
     ]
+    timed_out = False
     try:
         async with asyncio.timeout(timeout_s):
             code = await proc.wait()
-            # A background child may keep the pipes open after the script exits.
-            _, still_reading = await asyncio.wait(readers, timeout=1.0)
-            if still_reading:
-                _kill_group(proc.pid, signal.SIGKILL)
-                await asyncio.wait(readers, timeout=1.0)
-            return code
     except TimeoutError:
+        timed_out = True
         await _terminate(proc)
-        raise AgentTimedOut(f"agent still running after {timeout_s:g} s; killed") from None
     except asyncio.CancelledError:
         await asyncio.shield(_terminate(proc))
-        raise
-    finally:
         for reader in readers:
             reader.cancel()
+        raise
+    # The agent is gone: what it left running in its group goes too, so the pipes close once
+    # the last line is read. Every line already written is read and published.
+    _kill_group(proc.pid, signal.SIGKILL)
+    _, still_reading = await asyncio.wait(readers, timeout=_DRAIN_S)
+    for reader in still_reading:
+        reader.cancel()
+    if still_reading:
+        await on_line("stderr", f"[forgeline] output not fully read within {_DRAIN_S:g} s")
+    if timed_out:
+        raise AgentTimedOut(f"agent still running after {timeout_s:g} s; killed")
+    return code
 
 
 async def run_checked(
