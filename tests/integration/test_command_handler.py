@@ -125,7 +125,9 @@ async def test_cancel_and_rerun_delivered_twice_are_recorded_once(
     js: JetStreamContext, store: Forgeline, database_url: str
 ) -> None:
     submit = submit_command()
-    cancel = CancelRequest(command_id=f"cmd-{uuid.uuid4()}", request_id=submit.request_id)
+    cancel = CancelRequest(
+        command_id=f"cmd-{uuid.uuid4()}", request_id=submit.request_id, run_id=submit.run_id
+    )
     rerun = RerunRequest(
         command_id=f"cmd-{uuid.uuid4()}",
         request_id=submit.request_id,
@@ -162,10 +164,13 @@ async def test_cancel_of_the_active_rerun_delivered_twice_is_recorded_once(
     js: JetStreamContext, store: Forgeline, database_url: str
 ) -> None:
     submit = submit_command()
-    first_cancel = CancelRequest(command_id=f"cmd-{uuid.uuid4()}", request_id=submit.request_id)
+    first_cancel = CancelRequest(
+        command_id=f"cmd-{uuid.uuid4()}", request_id=submit.request_id, run_id=submit.run_id
+    )
     rerun = RerunRequest(
         command_id=f"cmd-{uuid.uuid4()}", request_id=submit.request_id, run_id=uuid.uuid4()
     )
+    # Without run_id: a client naming only the request cancels its latest run.
     second_cancel = CancelRequest(command_id=f"cmd-{uuid.uuid4()}", request_id=submit.request_id)
     async with command_handler(js, store):
         for command in (submit, first_cancel, rerun, second_cancel):
@@ -179,17 +184,16 @@ async def test_cancel_of_the_active_rerun_delivered_twice_is_recorded_once(
     assert await run_status(store, rerun.run_id) is RunStatus.CANCELLED
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: handlers/commands.py _cancel recognises a duplicate cancel only by the LATEST "
-    "run's cancel_requested flag; a copy of a cancel arriving after a rerun cancels the new run",
-)
 async def test_late_copy_of_a_cancel_does_not_cancel_the_rerun(
     js: JetStreamContext, store: Forgeline, database_url: str
 ) -> None:
-    """A cancel redelivered (lost ack, ack_wait later) after the client's rerun was handled."""
+    """A cancel redelivered (lost ack, ack_wait later) after the client's rerun was handled.
+
+    The gateway names the run that was active in the cancel; that run is the one cancelled."""
     submit = submit_command()
-    cancel = CancelRequest(command_id=f"cmd-{uuid.uuid4()}", request_id=submit.request_id)
+    cancel = CancelRequest(
+        command_id=f"cmd-{uuid.uuid4()}", request_id=submit.request_id, run_id=submit.run_id
+    )
     rerun = RerunRequest(
         command_id=f"cmd-{uuid.uuid4()}", request_id=submit.request_id, run_id=uuid.uuid4()
     )
