@@ -108,6 +108,24 @@ def open_store(database_url: str) -> Forgeline:
             conn.execute("SELECT pg_advisory_unlock(%s)", (SCHEMA_LOCK_KEY,))
 
 
+def installation_id(database_url: str) -> str:
+    """This installation's id, made once and kept in its database: it tells this event store's
+    workspace containers from another's on a shared Docker engine."""
+    with psycopg.connect(database_url, autocommit=True) as conn, conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK_KEY,))
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS forgeline_installation (id uuid PRIMARY KEY,"
+            " created_at timestamptz NOT NULL DEFAULT now())"
+        )
+        conn.execute(
+            "INSERT INTO forgeline_installation (id) SELECT gen_random_uuid()"
+            " WHERE NOT EXISTS (SELECT 1 FROM forgeline_installation)"
+        )
+        row = conn.execute("SELECT id FROM forgeline_installation").fetchone()
+    assert row is not None
+    return str(row[0])
+
+
 class _QuietServer(uvicorn.Server):
     """Uvicorn without its own signal handling: the process's stop event governs it."""
 
@@ -141,7 +159,8 @@ async def run_services(
         projector = ProjectionRunner(app, servers.database_url)
         await anyio.to_thread.run_sync(projector.create_tables)
         if "worker" in roles:  # first: it may fail (no engine, no image) before anything runs
-            workspaces = await open_workspaces(settings, app, progress)
+            installation = await anyio.to_thread.run_sync(installation_id, servers.database_url)
+            workspaces = await open_workspaces(settings, app, installation, progress)
             if status is not None:
                 status["workspaces"] = workspaces.description
         jobs: list[Coroutine[Any, Any, None]] = []

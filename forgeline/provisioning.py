@@ -17,7 +17,8 @@ from domain.application import Forgeline
 from forgeline.settings import Settings
 from forgeline.startup import StartupError
 from handlers.workspaces.base import Provisioner
-from handlers.workspaces.docker import ContainerLimits, DockerProvisioner, reap
+from handlers.workspaces.docker import ContainerLimits, DockerProvisioner
+from handlers.workspaces.docker_engine import reap
 from handlers.workspaces.local import LocalProvisioner
 
 log = logging.getLogger("forgeline")
@@ -37,6 +38,7 @@ class Workspaces:
     isolated: bool
     _docker: aiodocker.Docker | None = None
     _app: Forgeline | None = None
+    _installation: str = ""
     _reaped: list[str] = field(default_factory=list)
 
     async def reap_forever(self, stop: asyncio.Event) -> None:
@@ -62,7 +64,7 @@ class Workspaces:
             return await anyio.to_thread.run_sync(active)
 
         try:
-            removed = await reap(self._docker, run_is_active)
+            removed = await reap(self._docker, self._installation, run_is_active)
         except Exception as exc:  # the engine may be down; the next round tries again
             log.warning("reaper: %s", exc)
             return []
@@ -76,12 +78,15 @@ class Workspaces:
 
 
 async def open_workspaces(
-    settings: Settings, app: Forgeline, progress: Callable[[str], None] = log.info
+    settings: Settings,
+    app: Forgeline,
+    installation: str,
+    progress: Callable[[str], None] = log.info,
 ) -> Workspaces:
     if settings.provisioner in ("auto", "docker"):
         docker = await _engine(settings)
         if docker is not None:
-            return await _docker_workspaces(settings, app, docker, progress)
+            return await _docker_workspaces(settings, app, installation, docker, progress)
         if settings.provisioner == "docker":
             raise DockerRequired(
                 "FORGELINE_PROVISIONER=docker but no Docker engine answers at "
@@ -114,7 +119,11 @@ async def _engine(settings: Settings) -> aiodocker.Docker | None:
 
 
 async def _docker_workspaces(
-    settings: Settings, app: Forgeline, docker: aiodocker.Docker, progress: Callable[[str], None]
+    settings: Settings,
+    app: Forgeline,
+    installation: str,
+    docker: aiodocker.Docker,
+    progress: Callable[[str], None],
 ) -> Workspaces:
     from forgeline.image_commands import cache_dir
     from handlers.workspaces.image import ensure_image  # only where Docker is used
@@ -141,6 +150,7 @@ async def _docker_workspaces(
         image,
         limits,
         worker=settings.worker_name,
+        installation=installation,
         scratch_dir=settings.workspaces_dir,
     )
     workspaces = Workspaces(
@@ -150,6 +160,7 @@ async def _docker_workspaces(
         isolated=True,
         _docker=docker,
         _app=app,
+        _installation=installation,
     )
     await workspaces.reap_once()
     return workspaces

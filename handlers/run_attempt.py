@@ -45,7 +45,12 @@ class RunAttempt:
         except (WorkspaceError, OSError) as exc:
             # The workspace broke mid-run (e.g. the engine went away): fail, never loop.
             log.warning("run %s: workspace failed: %s", self._run.id, exc)
-            await self._fail_quietly(FailureCode.WORKSPACE_FAILED, f"workspace failed: {exc}")
+            code = (
+                FailureCode.WORKSPACE_UNAVAILABLE
+                if isinstance(exc, WorkspaceUnavailable)
+                else FailureCode.WORKSPACE_FAILED
+            )
+            await self._fail_quietly(code, f"workspace failed: {exc}")
         except Exception as exc:
             log.exception("run %s: unexpected error", self._run.id)
             await self._fail_quietly(FailureCode.INTERNAL, f"{type(exc).__name__}: {exc}")

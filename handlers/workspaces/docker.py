@@ -11,43 +11,34 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
-import logging
 import shutil
-import tarfile
 import tempfile
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from uuid import UUID
 
 import aiodocker
-import aiohttp
 from aiodocker.containers import DockerContainer
 
-from handlers.workspaces.base import (
-    AgentTimedOut,
-    LineSink,
-    WorkspaceError,
-    WorkspaceSpec,
-    WorkspaceUnavailable,
+from handlers.workspaces.base import AgentTimedOut, LineSink, WorkspaceError, WorkspaceSpec
+from handlers.workspaces.docker_engine import (
+    AGENT_UID,
+    LABEL_INSTALLATION,
+    LABEL_MANAGED,
+    LABEL_REQUEST,
+    LABEL_RUN,
+    LABEL_WORKER,
+    engine_call,
+    remove_container,
+    tar_files,
+    tar_tree,
 )
 from handlers.workspaces.git import checkout
 
-log = logging.getLogger(__name__)
-
-LABEL_MANAGED = "org.forgeline.managed"
-LABEL_RUN = "org.forgeline.run_id"
-LABEL_REQUEST = "org.forgeline.request_id"
-LABEL_WORKER = "org.forgeline.worker"
-AGENT_UID = 1000
 WORKDIR = "/workspace"
 HOME = "/home/agent"
 SCRATCH = f"{HOME}/.forgeline"  # outside the repository: never part of the patch
-CALL_TIMEOUT_S = 30.0  # every Docker API call; a hung engine must not hang a run
-_KILL_GRACE_S = 2.0
-_PID_FILE = "/tmp/.forgeline-agent.pid"
 
 
 @dataclass(frozen=True)
@@ -74,8 +65,8 @@ class DockerWorkspace:
         return str(self._container.id)
 
     async def write_scratch(self, name: str, content: str) -> str:
-        data = _tar({f".forgeline/{name}": content.encode()}, mode=0o600)
-        async with asyncio.timeout(CALL_TIMEOUT_S):
+        data = tar_files({f".forgeline/{name}": content.encode()}, mode=0o600)
+        async with engine_call("writing the prompt into the workspace"):
             await self._container.put_archive(HOME, data)  # type: ignore[no-untyped-call]
         return f"{SCRATCH}/{name}"
 
@@ -87,57 +78,43 @@ class DockerWorkspace:
         on_line: LineSink,
         timeout_s: float,
     ) -> int:
-        # setsid makes the agent a process-group leader, so a kill reaches all it started.
-        wrapped = [
-            "setsid",
-            "-w",
-            "/bin/sh",
-            "-c",
-            f'echo $$ > {_PID_FILE}; exec "$@"',
-            "sh",
-            *argv,
-        ]
-        full_env = {"HOME": HOME, **env}
         try:
             async with asyncio.timeout(timeout_s):
-                return await self._run(wrapped, full_env, on_line)
+                return await self._run(argv, {"HOME": HOME, **env}, on_line)
         except TimeoutError:
-            await self._kill_agent()
+            await self._stop_everything()
             raise AgentTimedOut(f"agent still running after {timeout_s:g} s; killed") from None
-        except asyncio.CancelledError:
-            await asyncio.shield(self._kill_agent())
-            raise
+        # On cancellation, close() removes the container and everything running in it.
 
     async def _run(self, argv: Sequence[str], env: Mapping[str, str], on_line: LineSink) -> int:
-        execution = await self._container.exec(
-            list(argv), user=str(AGENT_UID), environment=dict(env), workdir=WORKDIR
-        )
+        async with engine_call("starting the agent"):
+            execution = await self._container.exec(
+                list(argv), user=str(AGENT_UID), environment=dict(env), workdir=WORKDIR
+            )
         buffers = {1: bytearray(), 2: bytearray()}
-        async with execution.start(detach=False) as stream:
-            while (message := await stream.read_out()) is not None:
-                buffer = buffers.get(message.stream, buffers[1])
-                buffer.extend(message.data)
-                *lines, tail = bytes(buffer).split(b"\n")
-                buffer[:] = tail
-                for line in lines:
-                    await _emit(on_line, message.stream, line)
-        for stream_no, leftover in buffers.items():
-            if leftover:
-                await _emit(on_line, stream_no, bytes(leftover))
+        async with engine_call("reading the agent's output", timeout_s=None):
+            async with execution.start(detach=False) as stream:
+                while (message := await stream.read_out()) is not None:
+                    buffer = buffers.get(message.stream, buffers[1])
+                    buffer.extend(message.data)
+                    *lines, tail = bytes(buffer).split(b"\n")
+                    buffer[:] = tail
+                    for line in lines:
+                        await _emit(on_line, message.stream, line)
+            for stream_no, leftover in buffers.items():
+                if leftover:
+                    await _emit(on_line, stream_no, bytes(leftover))
         return await _exit_code(execution)
 
-    async def _kill_agent(self) -> None:
-        """TERM, then KILL, to the agent's whole process group; the container stays for the diff."""
-        for signal_name, wait in (("TERM", _KILL_GRACE_S), ("KILL", 0.0)):
-            with contextlib.suppress(Exception):
-                await self.output(
-                    ["sh", "-c", f"kill -{signal_name} -- -$(cat {_PID_FILE}) 2>/dev/null"]
-                )
-            await asyncio.sleep(wait)
+    async def _stop_everything(self) -> None:
+        """Kills every process in the container and starts it again empty, keeping its files:
+        a kill from inside needs a free pid, which an agent at the pids limit leaves none of."""
+        async with engine_call("stopping the agent"):
+            await self._container.restart(t=0)
 
     async def output(self, argv: Sequence[str]) -> tuple[int, bytes]:
         """Runs a short command as the agent user; returns (exit code, stdout)."""
-        async with asyncio.timeout(CALL_TIMEOUT_S):
+        async with engine_call(f"running {argv[0]} in the workspace"):
             execution = await self._container.exec(
                 list(argv), user=str(AGENT_UID), workdir=WORKDIR, stderr=False
             )
@@ -145,7 +122,7 @@ class DockerWorkspace:
             async with execution.start(detach=False) as stream:
                 while (chunk := await stream.read_out()) is not None:
                     out.extend(chunk.data)
-            return await _exit_code(execution), bytes(out)
+        return await _exit_code(execution), bytes(out)
 
     async def diff(self) -> str:
         # One exec instead of three: each costs about 100 ms on the engine.
@@ -174,8 +151,8 @@ class DockerWorkspace:
     async def describe_exit(self, exit_code: int) -> str | None:
         if exit_code != 137:  # 128 + SIGKILL: what the kernel's OOM killer leaves
             return None
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(CALL_TIMEOUT_S):
+        with contextlib.suppress(WorkspaceError):
+            async with engine_call("inspecting the workspace"):
                 info = await self._container.show()
             if info.get("State", {}).get("OOMKilled"):
                 limit = info.get("HostConfig", {}).get("Memory", 0) // (1024 * 1024)
@@ -199,12 +176,13 @@ class DockerProvisioner:
         limits: ContainerLimits,
         *,
         worker: str,
+        installation: str,
         scratch_dir: Path,
     ) -> None:
         self._docker = docker
         self._image = image
         self._limits = limits
-        self._worker = worker
+        self._labels = {LABEL_WORKER: worker, LABEL_INSTALLATION: installation}
         self._scratch_dir = scratch_dir
 
     async def provision(self, spec: WorkspaceSpec) -> DockerWorkspace:
@@ -215,61 +193,49 @@ class DockerProvisioner:
             container = await started
         except BaseException:
             started.cancel()
-            with contextlib.suppress(BaseException):
-                await asyncio.shield(_remove_if_started(started))
+            await asyncio.shield(_remove_if_started(started))
             raise
         try:
-            async with asyncio.timeout(CALL_TIMEOUT_S):
+            async with engine_call("copying the repository into the workspace"):
                 await container.put_archive(WORKDIR, archive)  # type: ignore[no-untyped-call]
-        except BaseException as exc:
+        except BaseException:
             await asyncio.shield(remove_container(container))
-            if isinstance(exc, aiodocker.DockerError):
-                raise WorkspaceError(f"cannot copy the repository in: {exc}") from exc
-            raise _unavailable_or(exc) from exc
+            raise
         return DockerWorkspace(container, base_commit)
 
     async def _clone_to_archive(self, spec: WorkspaceSpec) -> tuple[str, bytes]:
-        source = Path(tempfile.mkdtemp(prefix=f"{spec.run_id}-", dir=self._ensure_scratch()))
+        self._scratch_dir.mkdir(parents=True, exist_ok=True)
+        source = Path(tempfile.mkdtemp(prefix=f"{spec.run_id}-", dir=self._scratch_dir))
         try:
             base_commit = await checkout(source / "repo", spec)
-            return base_commit, await asyncio.to_thread(_tar_tree, source / "repo")
+            return base_commit, await asyncio.to_thread(tar_tree, source / "repo")
         finally:
             await asyncio.to_thread(shutil.rmtree, source, True)
 
     async def _start_container(self, spec: WorkspaceSpec) -> DockerContainer:
-        container = await self._create(spec)
+        config = container_config(self._image, self._limits, spec, self._labels)
         try:
-            async with asyncio.timeout(CALL_TIMEOUT_S):
-                await container.start()
-        except BaseException as exc:
-            # A container that failed to start is deleted (never leaked).
-            await asyncio.shield(remove_container(container))
-            if isinstance(exc, aiodocker.DockerError):
-                raise WorkspaceError(f"the workspace container failed to start: {exc}") from exc
-            raise _unavailable_or(exc) from exc
-        return container
-
-    def _ensure_scratch(self) -> Path:
-        self._scratch_dir.mkdir(parents=True, exist_ok=True)
-        return self._scratch_dir
-
-    async def _create(self, spec: WorkspaceSpec) -> DockerContainer:
-        config = container_config(self._image, self._limits, spec, self._worker)
-        try:
-            async with asyncio.timeout(CALL_TIMEOUT_S):
-                return await self._docker.containers.create(config)
-        except aiodocker.DockerError as exc:
-            if exc.status == 404:
+            async with engine_call("creating the workspace container"):
+                container = await self._docker.containers.create(config)
+        except WorkspaceError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, aiodocker.DockerError) and cause.status == 404:
                 raise WorkspaceError(
                     f"workspace image {self._image!r} is missing; run `forgeline image build`"
-                ) from exc
-            raise WorkspaceError(f"cannot create the workspace container: {exc}") from exc
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise _unavailable_or(exc) from exc
+                ) from cause
+            raise
+        try:
+            async with engine_call("starting the workspace container"):
+                await container.start()
+        except BaseException:
+            # A container that failed to start is deleted, never leaked.
+            await asyncio.shield(remove_container(container))
+            raise
+        return container
 
 
 def container_config(
-    image: str, limits: ContainerLimits, spec: WorkspaceSpec, worker: str
+    image: str, limits: ContainerLimits, spec: WorkspaceSpec, labels: Mapping[str, str]
 ) -> dict[str, Any]:
     memory = limits.memory_mb * 1024 * 1024
     return {
@@ -279,10 +245,10 @@ def container_config(
         "WorkingDir": WORKDIR,
         "Env": [f"HOME={HOME}", "LANG=C.UTF-8"],
         "Labels": {
+            **labels,
             LABEL_MANAGED: "true",
             LABEL_RUN: str(spec.run_id),
             LABEL_REQUEST: str(spec.request_id),
-            LABEL_WORKER: worker,
         },
         "NetworkDisabled": not limits.network,
         "HostConfig": {
@@ -299,48 +265,10 @@ def container_config(
     }
 
 
-async def remove_container(container: DockerContainer) -> None:
-    try:
-        async with asyncio.timeout(CALL_TIMEOUT_S):
-            await container.delete(force=True, v=True)
-    except aiodocker.DockerError as exc:
-        if exc.status != 404:
-            log.warning("could not remove container %s: %s", container.id, exc)
-    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-        log.warning("could not remove container %s: %s (the reaper will)", container.id, exc)
-
-
-async def reap(docker: aiodocker.Docker, keep: Callable[[UUID], Awaitable[bool]]) -> list[str]:
-    """Removes Forgeline's containers whose run `keep` does not vouch for; returns their ids."""
-    async with asyncio.timeout(CALL_TIMEOUT_S):
-        containers = await docker.containers.list(
-            all=True, filters=f'{{"label": ["{LABEL_MANAGED}=true"]}}'
-        )
-    removed = []
-    for container in containers:
-        labels = container._container.get("Labels") or {}
-        try:
-            run_id = UUID(labels.get(LABEL_RUN, ""))
-        except ValueError:
-            run_id = None
-        if run_id is not None and await keep(run_id):
-            continue
-        await remove_container(container)
-        removed.append(str(container.id))
-    return removed
-
-
 async def _remove_if_started(started: asyncio.Task[DockerContainer]) -> None:
     """Waits for a container start that was abandoned, and removes what it made."""
     with contextlib.suppress(BaseException):
-        container = await started
-        await remove_container(container)
-
-
-def _unavailable_or(exc: BaseException) -> BaseException:
-    if isinstance(exc, aiohttp.ClientError | TimeoutError | OSError):
-        return WorkspaceUnavailable(f"the Docker engine does not answer: {exc or type(exc)}")
-    return exc
+        await remove_container(await started)
 
 
 async def _emit(on_line: LineSink, stream_no: int, raw: bytes) -> None:
@@ -351,40 +279,9 @@ async def _emit(on_line: LineSink, stream_no: int, raw: bytes) -> None:
 async def _exit_code(execution: Any) -> int:
     """Exec exit codes appear once Running turns false (aiodocker pitfall)."""
     while True:
-        info = await execution.inspect()
+        async with engine_call("reading the agent's exit code"):
+            info = await execution.inspect()
         if not info.get("Running"):
             code = info.get("ExitCode")
             return int(code) if code is not None else -1
         await asyncio.sleep(0.02)
-
-
-def _tar(files: Mapping[str, bytes], *, mode: int = 0o644) -> bytes:
-    """Files (and their folders) owned by the agent user."""
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-        folders = sorted({str(Path(name).parent) for name in files} - {"."})
-        for folder in folders:
-            info = tarfile.TarInfo(folder)
-            info.type, info.mode = tarfile.DIRTYPE, 0o700
-            info.uid = info.gid = AGENT_UID
-            tar.addfile(info)
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size, info.mode = len(data), mode
-            info.uid = info.gid = AGENT_UID
-            tar.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
-
-
-def _tar_tree(root: Path) -> bytes:
-    """The checked-out repository (with .git) as a tar owned by the agent user."""
-
-    def owned_by_agent(info: tarfile.TarInfo) -> tarfile.TarInfo:
-        info.uid = info.gid = AGENT_UID
-        info.uname = info.gname = "agent"
-        return info
-
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-        tar.add(root, arcname=".", filter=owned_by_agent)
-    return buffer.getvalue()

@@ -163,20 +163,13 @@ def test_cancel(url: str, api: httpx.Client, repo: Path) -> None:
     assert "nothing to cancel" in err
 
 
-UNKNOWN_PATCH_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="bug: gateway/reads.py get_patch answers 'run X has no patch (yet)' for a run that "
-    "does not exist, so `forgeline patch <unknown id>` tells the user to wait for nothing",
-)
-
-
 @pytest.mark.parametrize(
     ("command", "what"),
     [
         ("status", "request"),
         ("cancel", "request"),
         ("logs", "run"),
-        pytest.param("patch", "run", marks=UNKNOWN_PATCH_BUG),
+        ("patch", "run"),
     ],
 )
 def test_unknown_ids_exit_non_zero_with_a_readable_message(
@@ -200,12 +193,6 @@ def test_an_unreachable_gateway_is_explained() -> None:
     assert "cannot reach the gateway" in err and url in err, err
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: forgeline/client_commands.py prints through rich Consoles that wrap and "
-    "truncate at 80 columns when stdout is no terminal: `forgeline submit` splits the run id "
-    "onto another line and `forgeline status` shows ids as '25246b72-e717-4…'",
-)
 def test_ids_are_printed_whole_without_a_wide_terminal(url: str, repo: Path) -> None:
     out = ok(run_cli(url, "submit", str(repo), "--prompt", "echo x > x.txt", columns=None))
     first_line = out.splitlines()[0]

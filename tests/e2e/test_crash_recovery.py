@@ -115,12 +115,6 @@ def _processes(argv: list[str]) -> list[int]:
     return pids
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: with local workspaces an agent outlives a kill -9 of its worker (it runs in its "
-    "own session, handlers/workspaces/process.py) and nothing stops it after the restart "
-    "(LocalProvisioner.reap only deletes directories); the new attempt runs beside it",
-)
 def test_the_agent_of_a_killed_worker_does_not_run_on(instance: Instance, tmp_path: Path) -> None:
     repo = make_repo(tmp_path / "repo", {"README.md": "# crash\n"})
     marker = f"45.{uuid.uuid4().int % 10**6:06d}"

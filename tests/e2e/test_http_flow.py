@@ -10,7 +10,6 @@ import uuid
 from pathlib import Path
 
 import httpx
-import pytest
 
 from tests.e2e.support import (
     all_requests,
@@ -364,12 +363,6 @@ def test_many_requests_at_once_all_complete(api: httpx.Client, tmp_path: Path) -
         assert f"+++ b/n{n}.txt" in patch and patch.count("diff --git") == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: handlers/workspaces/process.py run_streaming gives the output readers 1 s (+1 s "
-    "after SIGKILL) once the script has exited, then cancels them: a script that prints faster "
-    "than lines are published (20000 lines) loses the tail of its log, and log_lines agrees",
-)
 def test_a_chatty_script_keeps_every_line(api: httpx.Client, tmp_path: Path) -> None:
     repo = make_repo(tmp_path / "repo", ORIGINAL)
     accepted = submit(api, repo, "seq 1 20000\n")

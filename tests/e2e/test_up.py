@@ -7,8 +7,6 @@ import socket
 import subprocess
 from pathlib import Path
 
-import pytest
-
 from tests.e2e.support import (
     PROVISIONER,
     clean_env,
@@ -30,12 +28,6 @@ def _processes_mentioning(text: str) -> list[int]:
     return pids
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: forgeline/bootstrap.py _serve_http awaits uvicorn's serve task, which raises "
-    "SystemExit(3) when the port is taken; the user gets two tracebacks ('Task exception was "
-    "never retrieved') and exit code 3 instead of the RuntimeError message meant for it",
-)
 def test_a_taken_port_is_explained_without_a_traceback() -> None:
     root = short_tmp_dir()
     with socket.socket() as taken:
