@@ -14,6 +14,9 @@ from domain.run import Run
 
 class Request(Aggregate):
     class RequestSubmitted(Aggregate.Created):
+        # v2 added submitted_by; stored v1 events are upcast when read (docs/events.md).
+        class_version = 2
+
         repo: str
         ref: str | None
         prompt: str
@@ -25,6 +28,11 @@ class Request(Aggregate):
         idempotency_key: str | None
         command_id: str
         first_run_id: UUID
+        submitted_by: str | None = None  # who asked (the API key's owner), when known
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            state["submitted_by"] = None
 
     class RerunRequested(Aggregate.Event):
         run_id: UUID
@@ -47,6 +55,7 @@ class Request(Aggregate):
         idempotency_key: str | None,
         command_id: str,
         first_run_id: UUID,
+        submitted_by: str | None = None,
     ) -> None:
         self.repo = repo
         self.ref = ref
@@ -57,6 +66,7 @@ class Request(Aggregate):
         self.timeout_s = timeout_s
         self.labels = labels
         self.idempotency_key = idempotency_key
+        self.submitted_by = submitted_by
         self.run_ids: list[UUID] = [first_run_id]
 
     @classmethod
@@ -68,6 +78,7 @@ class Request(Aggregate):
         spec: RequestSpec,
         command_id: str,
         idempotency_key: str | None = None,
+        submitted_by: str | None = None,
     ) -> tuple[Request, Run]:
         """A new request and its first run, to be saved together."""
         request = cls._create(
@@ -76,6 +87,7 @@ class Request(Aggregate):
             command_id=command_id,
             idempotency_key=idempotency_key,
             first_run_id=run_id,
+            submitted_by=submitted_by,
             **spec.model_dump(),
         )
         run = Run.queue(

@@ -67,6 +67,7 @@ def record_every_event_type(
         spec=spec,
         command_id=f"{tag}-cmd-1",
         idempotency_key=f"{tag}-key",
+        submitted_by="alice",
     )
     app.save(request, run1)
     run1.start_provisioning("worker-a")

@@ -73,6 +73,10 @@ def test_the_command_finds_a_stale_file_and_write_restores_it(tmp_path: Path) ->
     assert subprocess.run([*command, "--write"], cwd=ROOT, capture_output=True).returncode == 0
     assert schemas.stale_files(tmp_path) == []
     assert run_started.read_text() == (ROOT / schemas.EVENTS_DIR / run_started.name).read_text()
+    kept = "forgeline.Request.RequestSubmitted.v1.json"  # an older version: kept as it was
+    assert (tmp_path / schemas.EVENTS_DIR / kept).read_text() == (
+        ROOT / schemas.EVENTS_DIR / kept
+    ).read_text()
 
 
 async def test_every_envelope_the_relay_publishes_matches_its_schema(

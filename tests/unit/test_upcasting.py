@@ -108,3 +108,54 @@ def test_an_event_saved_now_loads_back_at_its_current_version() -> None:
             assert state.get("class_version", 1) == version
     assert isinstance(app.repository.get(scenario.request.id), Request)
     assert isinstance(app.repository.get(scenario.runs[0].id), Run)
+
+
+# -- the real evolution: RequestSubmitted v1 -> v2 (submitted_by) ---------------------------
+
+
+def test_a_v1_request_submitted_loads_as_v2_with_submitted_by_none() -> None:
+    row = load(FIXTURES / "Request.RequestSubmitted.v1.json")
+    assert "class_version" not in row["state"] and "submitted_by" not in row["state"]
+
+    event = new_app().mapper.to_domain_event(stored_event(row))
+
+    assert isinstance(event, Request.RequestSubmitted)
+    assert Request.RequestSubmitted.class_version == 2
+    assert event.submitted_by is None
+    assert event.prompt == "echo hello > hello.txt"
+    assert envelope.envelope(7, event)["type"] == "forgeline.Request.RequestSubmitted.v2"
+    assert envelope.envelope(7, event)["data"]["submitted_by"] is None
+
+
+def test_a_v2_request_submitted_keeps_its_submitter() -> None:
+    row = load(FIXTURES / "Request.RequestSubmitted.v2.json")
+    assert row["state"]["class_version"] == 2
+
+    event = new_app().mapper.to_domain_event(stored_event(row))
+
+    assert isinstance(event, Request.RequestSubmitted)
+    assert event.submitted_by == "alice"
+
+
+def test_a_request_rebuilt_from_v1_events_has_no_submitter() -> None:
+    app = new_app()
+    rows = json.loads((FIXTURES / HISTORY).read_text())
+    app.recorder.insert_events([stored_event(row) for row in rows])
+    request_id, *_ = scenario_ids()
+
+    assert app.get_request(request_id).submitted_by is None
+
+
+def test_the_v1_schema_is_kept_and_describes_the_old_messages() -> None:
+    v1 = json.loads(
+        (ROOT / schemas.EVENTS_DIR / "forgeline.Request.RequestSubmitted.v1.json").read_text()
+    )
+    v2 = current_schema(CONTRACTS["Request.RequestSubmitted"])
+    assert "submitted_by" not in v1["properties"]["data"]["properties"]
+    assert "submitted_by" in v2["properties"]["data"]["required"]
+    index = json.loads((ROOT / schemas.EVENTS_DIR / schemas.INDEX_FILE).read_text())
+    (entry,) = [e for e in index["events"] if e["name"] == "RequestSubmitted"]
+    assert entry["version"] == 2
+    assert entry["superseded"] == [
+        {"version": 1, "schema": "forgeline.Request.RequestSubmitted.v1.json"}
+    ]
