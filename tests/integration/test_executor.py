@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import signal
 import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,15 +75,13 @@ def module_nats(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     server.stop()
 
 
-@pytest.fixture(scope="module")
-async def stack(
-    module_nats: str, module_database: str, tmp_path_factory: pytest.TempPathFactory
-) -> AsyncIterator[Stack]:
-    data_dir = tmp_path_factory.mktemp("executor-data")
+@asynccontextmanager
+async def running_stack(nats_url: str, database_url: str, data_dir: Path) -> AsyncIterator[Stack]:
+    """A worker, the relay and the projector in this process, as `forgeline worker` etc. run."""
     settings = Settings(
         data_dir=data_dir,
-        nats_url=module_nats,
-        database_url=module_database,
+        nats_url=nats_url,
+        database_url=database_url,
         provisioner="local",  # Docker workspaces have tests of their own
         worker_name="itest-worker",
         worker_slots=8,
@@ -91,14 +91,14 @@ async def stack(
     task = asyncio.create_task(
         run_services(
             settings,
-            Servers(nats_url=module_nats, database_url=module_database),
+            Servers(nats_url=nats_url, database_url=database_url),
             stop,
             roles=frozenset({"worker", "relay", "projector"}),
         )
     )
-    nc: Client = await connect(module_nats, name="executor-tests")
-    app = await in_thread(open_store, module_database)
-    pool: AsyncConnectionPool[Any] = AsyncConnectionPool(module_database, min_size=1, open=False)
+    nc: Client = await connect(nats_url, name="executor-tests")
+    app = await in_thread(open_store, database_url)
+    pool: AsyncConnectionPool[Any] = AsyncConnectionPool(database_url, min_size=1, open=False)
     await pool.open()
     try:
         # The services declare the streams; commands can be published once they exist.
@@ -111,6 +111,15 @@ async def stack(
         await pool.close()
         app.close()
         await nc.close()
+
+
+@pytest.fixture(scope="module")
+async def stack(
+    module_nats: str, module_database: str, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Stack]:
+    data_dir = tmp_path_factory.mktemp("executor-data")
+    async with running_stack(module_nats, module_database, data_dir) as services:
+        yield services
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -526,3 +535,45 @@ async def raw_log_payloads(js: JetStreamContext, run_id: UUID) -> list[bytes]:
                 return payloads
     finally:
         await sub.unsubscribe()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: broker/logs.py RunLogWriter.flush awaits asyncio.gather of publish_async "
+    "futures with no timeout (line 61); log lines a dying NATS server never acked leave the "
+    "attempt waiting there for good, so the run stays `running` forever (and its heartbeats "
+    "keep another worker from recovering it)",
+)
+async def test_run_ends_after_nats_lost_some_of_its_log_lines(
+    tmp_path: Path, database_url: str, git_repo: Path
+) -> None:
+    store_dir = tmp_path / "nats"
+    server = start_nats(store_dir)
+    port = int(server.url.rsplit(":", 1)[1])
+    pid = int((store_dir / "nats.pid").read_text())
+    go, printed = tmp_path / "go", tmp_path / "printed"
+    script = (
+        f"echo before\nwhile [ ! -e {go} ]; do sleep 0.01; done\n"
+        f"for i in $(seq 1 100); do echo after $i; done\ntouch {printed}\n"
+    )
+    try:
+        async with running_stack(server.url, database_url, tmp_path / "data") as services:
+            command = await submit(services, git_repo, script)
+
+            async def first_lines_logged() -> bool:
+                info = await services.js.stream_info(subjects.LOGS_STREAM)
+                return (info.state.messages or 0) >= 3
+
+            await eventually(first_lines_logged, message="the first lines on FORGELINE_LOGS")
+            os.kill(pid, signal.SIGSTOP)  # the server hangs: it reads nothing, acks nothing
+            go.touch()
+            # While this polls, the worker (same event loop) reads and publishes those lines.
+            await eventually(printed.exists, message="the script to print its lines")
+            os.kill(pid, signal.SIGKILL)  # ... and dies with those lines unread
+            server.stop()
+            server = start_nats(store_dir, port=port)
+
+            run = await finished(services, command.run_id, timeout=10)
+            assert run.is_terminal
+    finally:
+        server.stop()
