@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 import socket
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -17,7 +19,11 @@ def _default_data_dir() -> Path:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="FORGELINE_", extra="ignore")
+    # hide_input_in_errors: a refused value may be a secret (the cipher key): errors name the
+    # setting and the rule, never the value.
+    model_config = SettingsConfigDict(
+        env_prefix="FORGELINE_", extra="ignore", hide_input_in_errors=True
+    )
 
     # Where the embedded servers keep their data, and where local workspaces live.
     data_dir: Path = Field(default_factory=_default_data_dir)
@@ -54,13 +60,46 @@ class Settings(BaseSettings):
     url: str = "http://127.0.0.1:8080"
     api_key: SecretStr | None = None
 
+    # Encryption at rest of event payloads (AES-GCM): a base64 key of 16, 24 or 32 bytes, the
+    # same in every process of a deployment, set from the first start (docs/events.md).
+    cipher_key: SecretStr | None = None
+
+    @field_validator("cipher_key")
+    @classmethod
+    def _cipher_key_usable(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value():
+            return None  # FORGELINE_CIPHER_KEY="" means no encryption
+        check_cipher_key(value.get_secret_value())
+        return value
+
     @property
     def workspaces_dir(self) -> Path:
         return self.data_dir / "workspaces"
 
 
-def eventsourcing_env(database_url: str) -> dict[str, str]:
-    """The eventsourcing library's settings for a Postgres URL (socket dirs included)."""
+CIPHER_KEY_ENV = "FORGELINE_CIPHER_KEY"
+CIPHER_TOPIC = "eventsourcing.cryptography:AESCipher"  # AES-GCM, from the cryptography package
+
+
+def check_cipher_key(key: str) -> None:
+    """Raises ValueError (never showing the key) unless key is base64 of 16, 24 or 32 bytes."""
+    try:
+        raw = base64.b64decode(key.encode(), validate=True)
+    except (binascii.Error, ValueError):
+        raw = b""
+    if len(raw) not in (16, 24, 32):
+        raise ValueError(
+            "the cipher key must be base64 of 16, 24 or 32 random bytes "
+            "(make one with: openssl rand -base64 32)"
+        )
+
+
+def eventsourcing_env(database_url: str, cipher_key: SecretStr | None = None) -> dict[str, str]:
+    """The eventsourcing library's settings for a Postgres URL (socket dirs included).
+
+    With a cipher key (default: FORGELINE_CIPHER_KEY from the environment), every event's
+    state is encrypted before it is stored and decrypted when it is read.
+    """
     from psycopg.conninfo import conninfo_to_dict  # servers only: keeps client commands quick
 
     params = conninfo_to_dict(database_url)
@@ -79,4 +118,9 @@ def eventsourcing_env(database_url: str) -> dict[str, str]:
         "POSTGRES_MAX_OVERFLOW": "10",
         "POSTGRES_PRE_PING": "y",
     }
+    key = cipher_key.get_secret_value() if cipher_key else os.environ.get(CIPHER_KEY_ENV, "")
+    if key:
+        check_cipher_key(key)
+        env["CIPHER_TOPIC"] = CIPHER_TOPIC
+        env["CIPHER_KEY"] = key
     return env
