@@ -18,6 +18,7 @@ import anyio
 import psycopg
 import uvicorn
 from psycopg_pool import AsyncConnectionPool
+from pydantic import SecretStr
 
 from broker import subjects
 from broker.connection import connect
@@ -98,12 +99,13 @@ def running_servers(
 # in pg_type): processes starting together take an advisory lock around schema creation.
 
 
-def open_store(database_url: str) -> Forgeline:
-    """The event store application; creates its tables on first use."""
+def open_store(database_url: str, cipher_key: SecretStr | None = None) -> Forgeline:
+    """The event store application; creates its tables on first use. The cipher key (default:
+    FORGELINE_CIPHER_KEY) encrypts event states at rest."""
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute("SELECT pg_advisory_lock(%s)", (SCHEMA_LOCK_KEY,))
         try:
-            return Forgeline(env=eventsourcing_env(database_url))
+            return Forgeline(env=eventsourcing_env(database_url, cipher_key))
         finally:
             conn.execute("SELECT pg_advisory_unlock(%s)", (SCHEMA_LOCK_KEY,))
 
@@ -149,7 +151,7 @@ async def run_services(
     given, is filled with what was chosen at start-up (e.g. status["workspaces"]); progress
     shows long start-up work (building the workspace image).
     """
-    app = await anyio.to_thread.run_sync(open_store, servers.database_url)
+    app = await anyio.to_thread.run_sync(open_store, servers.database_url, settings.cipher_key)
     nc = await connect(servers.nats_url, name=f"forgeline-{settings.worker_name}")
     js = nc.jetstream()
     pool: AsyncConnectionPool[Any] | None = None
