@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -21,6 +22,9 @@ from broker import subjects
 
 Stream = Literal["stdout", "stderr", "system"]
 MAX_LINE_CHARS = 16_384
+ACK_TIMEOUT_S = 10.0
+
+log = logging.getLogger(__name__)
 
 
 class RunLogWriter:
@@ -34,6 +38,7 @@ class RunLogWriter:
         self._pending: list[asyncio.Future[Any]] = []
         self._digest = hashlib.sha256()
         self.lines = 0
+        self.lost = 0
 
     async def write(self, stream: Stream, line: str) -> None:
         self.lines += 1
@@ -57,8 +62,18 @@ class RunLogWriter:
             await self.flush()
 
     async def flush(self) -> None:
+        """Waits for the acknowledgements; lines NATS lost (a server died holding them) are
+        counted and logged, never allowed to hold up the run."""
         pending, self._pending = self._pending, []
-        await asyncio.gather(*pending)
+        if not pending:
+            return
+        done, unanswered = await asyncio.wait(pending, timeout=ACK_TIMEOUT_S)
+        lost = len(unanswered) + sum(1 for f in done if f.exception() is not None)
+        for future in unanswered:
+            future.cancel()
+        if lost:
+            self.lost += lost
+            log.warning("run %s: %d log line(s) not stored by NATS", self._run_id, lost)
 
     @property
     def sha256(self) -> str:

@@ -36,8 +36,10 @@ class Relay:
         *,
         batch_size: int = 500,
         idle_wait_s: float = 0.02,
+        ack_timeout_s: float = 10.0,
     ) -> None:
         self._app = app
+        self._ack_timeout_s = ack_timeout_s
         self._js = js
         self._batch_size = batch_size
         self._idle_wait_s = idle_wait_s
@@ -88,7 +90,9 @@ class Relay:
                     headers={"Nats-Msg-Id": str(notification.id)},
                 )
             )
-        await asyncio.gather(*acks)
+        # A server that died holding the batch never acknowledges it: give up and publish
+        # again (the same Nats-Msg-Ids) rather than wait forever.
+        await asyncio.wait_for(asyncio.gather(*acks), self._ack_timeout_s)
         self._position = notifications[-1].id
         kv = await self._js.key_value(subjects.RELAY_BUCKET)
         await kv.put(_POSITION_KEY, str(self._position).encode())

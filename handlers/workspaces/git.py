@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from handlers.workspaces.base import RepoUnreachable, WorkspaceError, WorkspaceSpec
-from handlers.workspaces.process import run_checked
+from handlers.workspaces.process import run_captured, run_checked
 
 # Git must never stop to ask for credentials: a run would hang instead of failing.
 GIT_ENV = {"GIT_TERMINAL_PROMPT": "0", "GIT_ASKPASS": "/bin/true", "LC_ALL": "C"}
@@ -64,3 +65,51 @@ def _env() -> dict[str, str]:
 def last_line(text: str) -> str:
     lines = [line for line in text.strip().splitlines() if line.strip()]
     return lines[-1] if lines else "no error output"
+
+
+async def git_bytes(repo_dir: Path, *args: str) -> bytes:
+    code, out, err = await run_captured(["git", *args], cwd=repo_dir, env=_env())
+    if code != 0:
+        raise WorkspaceError(f"git {args[0]} failed: {last_line(err.decode(errors='replace'))}")
+    return out
+
+
+GitBytes = Callable[..., Awaitable[bytes]]
+WriteScratch = Callable[[str, str], Awaitable[str]]
+
+
+async def patch_of(run_git: GitBytes, write_scratch: WriteScratch, base: str) -> tuple[str, str]:
+    """(diff, numstat) of everything in the work tree against base, untracked files included.
+
+    The diff is text. A file whose diff is not UTF-8 (a Latin-1 text file, say) is diffed as
+    binary instead (base85 in the patch), so `git apply` restores its exact bytes."""
+    await run_git("add", "-A")
+    numstat = (await run_git("diff", "--cached", "--numstat", base)).decode(errors="replace")
+    raw = await run_git("diff", "--cached", "--binary", base)
+    try:
+        return raw.decode(), numstat
+    except UnicodeDecodeError:
+        pass
+    names = await run_git("diff", "--cached", "--name-only", "-z", base)
+    not_utf8 = []
+    for name in filter(None, names.split(b"\0")):
+        path = name.decode(errors="surrogateescape")
+        try:
+            (await run_git("diff", "--cached", "--binary", base, "--", path)).decode()
+        except UnicodeDecodeError:
+            not_utf8.append(path)
+    attributes = await write_scratch(
+        "gitattributes", "".join(f"{_literal_pattern(path)} binary\n" for path in not_utf8)
+    )
+    raw = await run_git(
+        "-c", f"core.attributesFile={attributes}", "diff", "--cached", "--binary", base
+    )
+    return raw.decode(errors="replace"), numstat
+
+
+def _literal_pattern(path: str) -> str:
+    """A gitattributes pattern matching exactly this path: glob characters are escaped with a
+    backslash, then the pattern is C-quoted (backslashes and quotes escaped again)."""
+    glob_escaped = "".join("\\" + c if c in "*?[\\" else c for c in path)
+    quoted = glob_escaped.replace("\\", "\\\\").replace('"', '\\"')
+    return f'"/{quoted}"'

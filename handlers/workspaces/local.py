@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import shutil
 import signal
@@ -15,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from handlers.workspaces.base import LineSink, WorkspaceSpec
-from handlers.workspaces.git import checkout, git
+from handlers.workspaces.git import checkout, git_bytes, patch_of
 from handlers.workspaces.process import run_streaming
 
 
@@ -25,6 +26,7 @@ class LocalWorkspace:
         self.repo_dir = root / "repo"
         self.home = root / "home"
         self._base_commit = base_commit
+        self._numstat: str | None = None
 
     @property
     def base_commit(self) -> str:
@@ -51,11 +53,17 @@ class LocalWorkspace:
         )
 
     async def diff(self) -> str:
-        await git(self.repo_dir, "add", "-A")
-        return await git(self.repo_dir, "diff", "--cached", "--binary", self._base_commit)
+        diff, self._numstat = await patch_of(
+            functools.partial(git_bytes, self.repo_dir), self.write_scratch, self._base_commit
+        )
+        return diff
 
     async def numstat(self) -> str:
-        return await git(self.repo_dir, "diff", "--cached", "--numstat", self._base_commit)
+        """The numstat taken together with the last diff()."""
+        if self._numstat is None:
+            await self.diff()
+        assert self._numstat is not None
+        return self._numstat
 
     async def describe_exit(self, exit_code: int) -> str | None:
         return None

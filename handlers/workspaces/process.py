@@ -73,7 +73,20 @@ async def run_checked(
     stdin: bytes | None = None,
     timeout_s: float = 300.0,
 ) -> tuple[int, str, str]:
-    """Runs a short command and returns (exit code, stdout, stderr)."""
+    """Runs a short command and returns (exit code, stdout, stderr) as text."""
+    code, out, err = await run_captured(argv, cwd=cwd, env=env, stdin=stdin, timeout_s=timeout_s)
+    return code, out.decode(errors="replace"), err.decode(errors="replace")
+
+
+async def run_captured(
+    argv: Sequence[str],
+    *,
+    cwd: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    stdin: bytes | None = None,
+    timeout_s: float = 300.0,
+) -> tuple[int, bytes, bytes]:
+    """Runs a short command and returns (exit code, stdout, stderr) as bytes."""
     proc = await asyncio.create_subprocess_exec(
         *argv,
         cwd=cwd,
@@ -90,7 +103,7 @@ async def run_checked(
         await asyncio.shield(_terminate(proc))
         raise
     assert proc.returncode is not None
-    return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
+    return proc.returncode, out, err
 
 
 async def _pump(stream: asyncio.StreamReader, name: str, on_line: LineSink) -> None:

@@ -309,12 +309,6 @@ async def test_shell_patch_applies_to_a_clean_clone_of_the_base_commit_byte_for_
     await released(stack, command.run_id)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug (listed as a known limit in docs/architecture.md): handlers/workspaces/process.py"
-    " run_checked decodes `git diff --binary` with errors='replace', so a text file that is not"
-    " UTF-8 is stored with U+FFFD and the patch applies with the wrong bytes",
-)
 async def test_non_utf8_text_file_comes_back_with_its_own_bytes(
     stack: Stack, git_repo: Path, tmp_path: Path
 ) -> None:
@@ -537,13 +531,6 @@ async def raw_log_payloads(js: JetStreamContext, run_id: UUID) -> list[bytes]:
         await sub.unsubscribe()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: broker/logs.py RunLogWriter.flush awaits asyncio.gather of publish_async "
-    "futures with no timeout (line 61); log lines a dying NATS server never acked leave the "
-    "attempt waiting there for good, so the run stays `running` forever (and its heartbeats "
-    "keep another worker from recovering it)",
-)
 async def test_run_ends_after_nats_lost_some_of_its_log_lines(
     tmp_path: Path, database_url: str, git_repo: Path
 ) -> None:

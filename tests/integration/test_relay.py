@@ -289,12 +289,6 @@ async def test_relay_follows_concurrent_writes_across_several_crashes(
     await assert_exactly_once(relay_js, database_url, published)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: broker/relay.py publish_batch awaits asyncio.gather(*acks) of publish_async "
-    "futures with no timeout (line 91); acks lost with a dying server never resolve, so "
-    "Relay.run hangs there for good and publishes nothing more, without logging an error",
-)
 async def test_relay_goes_on_after_the_server_lost_a_batch_it_published(
     tmp_path: Path, store: Forgeline, database_url: str
 ) -> None:
