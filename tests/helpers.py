@@ -15,7 +15,10 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def wait_until(
-    predicate: Callable[[], object], timeout: float = 10.0, message: str = "condition", *,
+    predicate: Callable[[], object],
+    timeout: float = 10.0,
+    message: str = "condition",
+    *,
     interval: float = 0.05,
 ) -> object:
     """Poll predicate until it returns something truthy (returned); AssertionError on timeout.

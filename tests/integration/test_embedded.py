@@ -137,7 +137,8 @@ def test_database_url_gives_each_test_its_own_database(database_url: str) -> Non
 
 
 def test_git_repo_has_two_commits(git_repo: Path) -> None:
-    log = subprocess.run(["git", "log", "--format=%s"], cwd=git_repo, check=True,
-                         capture_output=True, text=True).stdout.split("\n")
+    log = subprocess.run(
+        ["git", "log", "--format=%s"], cwd=git_repo, check=True, capture_output=True, text=True
+    ).stdout.split("\n")
     assert log[:2] == ["Add src/hello.py", "Add README"]
     assert (git_repo / "src" / "hello.py").is_file()
