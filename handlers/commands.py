@@ -64,6 +64,7 @@ def _submit(app: Forgeline, command: SubmitRequest) -> None:
         spec=command.spec,
         command_id=command.command_id,
         idempotency_key=command.idempotency_key,
+        submitted_by=command.submitted_by,
     )
     app.save(request, run)
 
@@ -74,7 +75,11 @@ def _rerun(app: Forgeline, command: RerunRequest) -> None:
         return  # this rerun was recorded already
     latest = app.get_run(request.latest_run_id)
     run = request.rerun(
-        run_id=command.run_id, prompt=command.prompt, command_id=command.command_id, latest=latest
+        run_id=command.run_id,
+        prompt=command.prompt,
+        command_id=command.command_id,
+        latest=latest,
+        requested_by=command.requested_by,
     )
     app.save(request, run)
 
@@ -85,7 +90,7 @@ def _cancel(app: Forgeline, command: CancelRequest) -> None:
     run = app.get_run(command.run_id or request.latest_run_id)
     if run.is_terminal or run.cancel_requested:
         return
-    run.request_cancel(command.reason, command.command_id)
+    run.request_cancel(command.reason, command.command_id, command.requested_by)
     app.save(run)
 
 

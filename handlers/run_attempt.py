@@ -175,8 +175,8 @@ class RunAttempt:
         message: str,
         exit_code: int | None,
     ) -> None:
-        diff = await workspace.diff()
-        stats = patch_stats(diff, await workspace.numstat()) if diff else None
+        diff, numstat = await workspace.diff()
+        stats = patch_stats(diff, numstat) if diff else None
         limit = self._x.settings.patch_max_bytes
         if stats and stats["bytes"] > limit:
             failure, stats = FailureCode.PATCH_TOO_LARGE, None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, NamedTuple, Protocol
 from uuid import UUID
 
 LineSink = Callable[[Literal["stdout", "stderr"], str], Awaitable[None]]
@@ -24,6 +24,11 @@ class RepoUnreachable(WorkspaceError):
 
 class AgentTimedOut(Exception):
     """The agent ran past its timeout and was killed."""
+
+
+class WorkspaceDiff(NamedTuple):
+    diff: str
+    numstat: str
 
 
 @dataclass(frozen=True)
@@ -58,12 +63,9 @@ class Workspace(Protocol):
         it too."""
         ...
 
-    async def diff(self) -> str:
-        """The change against base_commit as a binary-safe git diff, untracked files included."""
-        ...
-
-    async def numstat(self) -> str:
-        """`git diff --numstat` of the same change, for the patch summary."""
+    async def diff(self) -> WorkspaceDiff:
+        """The change against base_commit as a binary-safe git diff, untracked files included,
+        with its numstat for the patch summary."""
         ...
 
     async def describe_exit(self, exit_code: int) -> str | None:

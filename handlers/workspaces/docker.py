@@ -21,7 +21,13 @@ from typing import Any
 import aiodocker
 from aiodocker.containers import DockerContainer
 
-from handlers.workspaces.base import AgentTimedOut, LineSink, WorkspaceError, WorkspaceSpec
+from handlers.workspaces.base import (
+    AgentTimedOut,
+    LineSink,
+    WorkspaceDiff,
+    WorkspaceError,
+    WorkspaceSpec,
+)
 from handlers.workspaces.docker_engine import (
     AGENT_UID,
     LABEL_INSTALLATION,
@@ -53,7 +59,6 @@ class DockerWorkspace:
     def __init__(self, container: DockerContainer, base_commit: str) -> None:
         self._container = container
         self._base_commit = base_commit
-        self._numstat: str | None = None
         self._closed = False
 
     @property
@@ -124,7 +129,7 @@ class DockerWorkspace:
                     out.extend(chunk.data)
         return await _exit_code(execution), bytes(out)
 
-    async def diff(self) -> str:
+    async def diff(self) -> WorkspaceDiff:
         # One exec in the common case (each costs about 100 ms on the engine); the careful
         # path of patch_of only when the diff is not UTF-8.
         base = self._base_commit
@@ -140,24 +145,15 @@ class DockerWorkspace:
             raise WorkspaceError(f"git diff failed in the container (exit {code})")
         numstat, _, raw = out.partition(b"\0")
         try:
-            diff = raw.decode()
+            return WorkspaceDiff(raw.decode(), numstat.decode(errors="replace"))
         except UnicodeDecodeError:
-            diff, _ = await patch_of(self._git_bytes, self.write_scratch, base)
-        self._numstat = numstat.decode(errors="replace")
-        return diff
+            return await patch_of(self._git_bytes, self.write_scratch, base)
 
     async def _git_bytes(self, *args: str) -> bytes:
         code, out = await self.output(["git", *args])
         if code != 0:
             raise WorkspaceError(f"git {args[0]} failed in the container (exit {code})")
         return out
-
-    async def numstat(self) -> str:
-        """The numstat taken together with the last diff()."""
-        if self._numstat is None:
-            await self.diff()
-        assert self._numstat is not None
-        return self._numstat
 
     async def describe_exit(self, exit_code: int) -> str | None:
         if exit_code != 137:  # 128 + SIGKILL: what the kernel's OOM killer leaves

@@ -6,7 +6,7 @@ import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from handlers.workspaces.base import RepoUnreachable, WorkspaceError, WorkspaceSpec
+from handlers.workspaces.base import RepoUnreachable, WorkspaceDiff, WorkspaceError, WorkspaceSpec
 from handlers.workspaces.process import run_captured, run_checked
 
 # Git must never stop to ask for credentials: a run would hang instead of failing.
@@ -78,7 +78,7 @@ GitBytes = Callable[..., Awaitable[bytes]]
 WriteScratch = Callable[[str, str], Awaitable[str]]
 
 
-async def patch_of(run_git: GitBytes, write_scratch: WriteScratch, base: str) -> tuple[str, str]:
+async def patch_of(run_git: GitBytes, write_scratch: WriteScratch, base: str) -> WorkspaceDiff:
     """(diff, numstat) of everything in the work tree against base, untracked files included.
 
     The diff is text. A file whose diff is not UTF-8 (a Latin-1 text file, say) is diffed as
@@ -87,7 +87,7 @@ async def patch_of(run_git: GitBytes, write_scratch: WriteScratch, base: str) ->
     numstat = (await run_git("diff", "--cached", "--numstat", base)).decode(errors="replace")
     raw = await run_git("diff", "--cached", "--binary", base)
     try:
-        return raw.decode(), numstat
+        return WorkspaceDiff(raw.decode(), numstat)
     except UnicodeDecodeError:
         pass
     names = await run_git("diff", "--cached", "--name-only", "-z", base)
@@ -104,7 +104,7 @@ async def patch_of(run_git: GitBytes, write_scratch: WriteScratch, base: str) ->
     raw = await run_git(
         "-c", f"core.attributesFile={attributes}", "diff", "--cached", "--binary", base
     )
-    return raw.decode(errors="replace"), numstat
+    return WorkspaceDiff(raw.decode(errors="replace"), numstat)
 
 
 def _literal_pattern(path: str) -> str:

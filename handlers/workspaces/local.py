@@ -15,7 +15,7 @@ import signal
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from handlers.workspaces.base import LineSink, WorkspaceSpec
+from handlers.workspaces.base import LineSink, WorkspaceDiff, WorkspaceSpec
 from handlers.workspaces.git import checkout, git_bytes, patch_of
 from handlers.workspaces.process import run_streaming
 
@@ -26,7 +26,6 @@ class LocalWorkspace:
         self.repo_dir = root / "repo"
         self.home = root / "home"
         self._base_commit = base_commit
-        self._numstat: str | None = None
 
     @property
     def base_commit(self) -> str:
@@ -52,18 +51,10 @@ class LocalWorkspace:
             argv, cwd=self.repo_dir, env=full_env, on_line=on_line, timeout_s=timeout_s
         )
 
-    async def diff(self) -> str:
-        diff, self._numstat = await patch_of(
+    async def diff(self) -> WorkspaceDiff:
+        return await patch_of(
             functools.partial(git_bytes, self.repo_dir), self.write_scratch, self._base_commit
         )
-        return diff
-
-    async def numstat(self) -> str:
-        """The numstat taken together with the last diff()."""
-        if self._numstat is None:
-            await self.diff()
-        assert self._numstat is not None
-        return self._numstat
 
     async def describe_exit(self, exit_code: int) -> str | None:
         return None
