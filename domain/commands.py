@@ -123,6 +123,7 @@ class SubmitRequest(_Frozen):
     run_id: UUID
     spec: RequestSpec
     idempotency_key: str | None = None
+    submitted_by: str | None = None  # the API key's id; never the key itself
 
 
 class RerunRequest(_Frozen):
@@ -131,6 +132,7 @@ class RerunRequest(_Frozen):
     request_id: UUID
     run_id: UUID
     prompt: Prompt | None = None
+    requested_by: str | None = None  # the API key's id
 
 
 class CancelRequest(_Frozen):
@@ -139,6 +141,7 @@ class CancelRequest(_Frozen):
     request_id: UUID
     run_id: UUID | None = None  # the run that was active when the client asked; None = latest
     reason: str = "cancelled by client"
+    requested_by: str | None = None  # the API key's id
 
 
 Command = Annotated[SubmitRequest | RerunRequest | CancelRequest, Field(discriminator="kind")]

@@ -35,9 +35,17 @@ class Request(Aggregate):
             state["submitted_by"] = None
 
     class RerunRequested(Aggregate.Event):
+        # v2 added requested_by; stored v1 events are upcast when read.
+        class_version = 2
+
         run_id: UUID
         prompt: str | None
         command_id: str
+        requested_by: str | None = None  # who asked (the API key's id), when known
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            state["requested_by"] = None
 
         def apply(self, request: Request) -> None:
             request.run_ids.append(self.run_id)
@@ -104,13 +112,27 @@ class Request(Aggregate):
     def latest_run_id(self) -> UUID:
         return self.run_ids[-1]
 
-    def rerun(self, *, run_id: UUID, prompt: str | None, command_id: str, latest: Run) -> Run:
+    def rerun(
+        self,
+        *,
+        run_id: UUID,
+        prompt: str | None,
+        command_id: str,
+        latest: Run,
+        requested_by: str | None = None,
+    ) -> Run:
         """A new run on top of the latest patch; refused while the latest run is active."""
         if latest.id != self.latest_run_id:
             raise ValueError("rerun must be decided against the request's latest run")
         if not latest.is_terminal:
             raise RunStillActive(f"run {latest.id} is still {latest.status}; cancel it first")
-        self.trigger_event(self.RerunRequested, run_id=run_id, prompt=prompt, command_id=command_id)
+        self.trigger_event(
+            self.RerunRequested,
+            run_id=run_id,
+            prompt=prompt,
+            command_id=command_id,
+            requested_by=requested_by,
+        )
         return Run.queue(
             run_id=run_id,
             request_id=self.id,

@@ -84,8 +84,16 @@ class Run(Aggregate):
             run.finished_at = self.timestamp
 
     class CancelRequested(Aggregate.Event):
+        # v2 added requested_by; stored v1 events are upcast when read.
+        class_version = 2
+
         reason: str
         command_id: str
+        requested_by: str | None = None  # who asked (the API key's id), when known
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            state["requested_by"] = None
 
         def apply(self, run: Run) -> None:
             run.cancel_requested = True
@@ -225,12 +233,14 @@ class Run(Aggregate):
             log_sha256=log_sha256,
         )
 
-    def request_cancel(self, reason: str, command_id: str) -> None:
+    def request_cancel(self, reason: str, command_id: str, requested_by: str | None = None) -> None:
         """Asks the run to stop; a run no worker holds yet is cancelled at once."""
         self._require(RunAction.REQUEST_CANCEL)
         if self.cancel_requested:
             return  # asked already: a second ask changes nothing
-        self.trigger_event(self.CancelRequested, reason=reason, command_id=command_id)
+        self.trigger_event(
+            self.CancelRequested, reason=reason, command_id=command_id, requested_by=requested_by
+        )
         if self.status is RunStatus.QUEUED:
             self.cancel(reason)
 

@@ -80,13 +80,17 @@ def record_every_event_type(
     app.save(run1)
 
     run2 = request.rerun(
-        run_id=run2_id, prompt="echo again", command_id=f"{tag}-cmd-2", latest=run1
+        run_id=run2_id,
+        prompt="echo again",
+        command_id=f"{tag}-cmd-2",
+        latest=run1,
+        requested_by="alice",
     )
     app.save(request, run2)
     run2.start_provisioning("worker-b")
     run2.record_workspace("local", "a" * 40)
     run2.start()
-    run2.request_cancel("cancelled by client", f"{tag}-cmd-3")
+    run2.request_cancel("cancelled by client", f"{tag}-cmd-3", requested_by="bob")
     run2.cancel("cancelled by client", log_lines=1, log_sha256="c" * 64)
     app.save(run2)
 
