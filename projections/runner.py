@@ -99,8 +99,19 @@ class ProjectionRunner:
             return 0
         conn = self._connection()
         with conn.transaction(), conn.cursor() as cur:
-            for notification in notifications:
-                self._applier.apply(cur, self._app.mapper.to_domain_event(notification))
+            # The row lock a swap of rebuilt tables takes too (projections/rebuild.py): no swap
+            # happens while a batch is applied, and a batch that waited for a swap reads the
+            # swapped-in tables' position here and starts again from it.
+            cur.execute(
+                sql.SQL("SELECT position FROM {p} WHERE name = %s FOR UPDATE").format(p=_POSITIONS),
+                (self._name,),
+            )
+            row = cur.fetchone()
+            if row is None or row[0] != start:
+                raise PositionMoved(f"{self._name}: position moved past {start}")
+            with conn.pipeline():  # statements go out without waiting for each answer: ~3x
+                for notification in notifications:
+                    self._applier.apply(cur, self._app.mapper.to_domain_event(notification))
             cur.execute(
                 sql.SQL("UPDATE {p} SET position = %s WHERE name = %s AND position = %s").format(
                     p=_POSITIONS
