@@ -30,6 +30,7 @@ from forgeline.provisioning import Workspaces, open_workspaces
 from forgeline.settings import Settings, eventsourcing_env
 from forgeline.startup import ALL_ROLES, StartupError
 from gateway import idempotency
+from gateway import keys as api_keys
 from gateway.app import create_app
 from gateway.deps import GatewayDeps
 from handlers.agents.shell import ShellAgent
@@ -144,12 +145,16 @@ async def run_services(
     on_ready: Callable[[int], None] | None = None,
     status: dict[str, str] | None = None,
     progress: Callable[[str], None] = log.info,
+    on_first_key: Callable[[str], None] | None = None,
 ) -> None:
     """Runs the roles until stop is set or one of them fails; then closes everything.
 
     on_ready gets the gateway's port (0 without a gateway) once everything runs; status, when
     given, is filled with what was chosen at start-up (e.g. status["workspaces"]); progress
-    shows long start-up work (building the workspace image).
+    shows long start-up work (building the workspace image). on_first_key, when given, is
+    handed the secret of a first admin key made because the store holds no key at all (once:
+    never again on this store), before on_ready; without it no such key is made. With
+    settings.admin_key (FORGELINE_ADMIN_KEY), that key is made an admin key instead.
     """
     app = await anyio.to_thread.run_sync(open_store, servers.database_url, settings.cipher_key)
     nc = await connect(servers.nats_url, name=f"forgeline-{settings.worker_name}")
@@ -160,6 +165,8 @@ async def run_services(
         await ensure_streams(js, StreamSettings(replicas=settings.stream_replicas))
         projector = ProjectionRunner(app, servers.database_url)
         await anyio.to_thread.run_sync(projector.create_tables)
+        if "projector" not in roles:
+            projector.close()  # its connection served the tables only
         if "worker" in roles:  # first: it may fail (no engine, no image) before anything runs
             installation = await anyio.to_thread.run_sync(installation_id, servers.database_url)
             workspaces = await open_workspaces(settings, app, installation, progress)
@@ -176,6 +183,7 @@ async def run_services(
             pool = AsyncConnectionPool(servers.database_url, min_size=1, max_size=10, open=False)
             await pool.open()
             await idempotency.create_table(pool)
+            await _start_up_keys(settings, pool, on_first_key)
             deps = GatewayDeps(
                 nc=nc,
                 js=js,
@@ -183,6 +191,9 @@ async def run_services(
                 views=Views(pool),
                 app=app,
                 max_body_bytes=settings.max_body_bytes,
+                rate_limit_per_min=settings.rate_limit_per_min,
+                rate_limit_burst=settings.rate_limit_burst,
+                cors_origins=tuple(settings.cors_origins),
             )
             jobs.append(_serve_http(settings, deps, stop, on_ready))
         elif on_ready is not None:
@@ -196,6 +207,35 @@ async def run_services(
         with contextlib.suppress(Exception):
             await nc.drain()
         await anyio.to_thread.run_sync(app.close)
+
+
+async def _start_up_keys(
+    settings: Settings,
+    pool: AsyncConnectionPool[Any],
+    on_first_key: Callable[[str], None] | None,
+) -> None:
+    """The keys table; FORGELINE_ADMIN_KEY made an admin key, or a first admin key shown."""
+    configured = settings.admin_key.get_secret_value() if settings.admin_key else None
+    async with pool.connection() as conn:
+        await api_keys.create_table(conn)
+        done = await api_keys.start_up(
+            conn, configured=configured, make_first=on_first_key is not None
+        )
+    key = done.configured
+    if key is not None and key.revoked_at is not None:
+        log.warning(
+            "FORGELINE_ADMIN_KEY is the key %s, which was revoked: it stays revoked (set another"
+            " key, or unset it)",
+            key.id,
+        )
+    elif key is not None and key.role is not api_keys.Role.ADMIN:
+        log.warning(
+            "FORGELINE_ADMIN_KEY is the key %s, whose role is %s, not admin: it keeps its role",
+            key.id,
+            key.role.value,
+        )
+    if done.first_secret is not None and on_first_key is not None:
+        on_first_key(done.first_secret)
 
 
 async def _worker_jobs(

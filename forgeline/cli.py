@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from forgeline import client_commands, image_commands
+from forgeline import client_commands, image_commands, keys_commands
 from forgeline.settings import Settings
 from forgeline.startup import ALL_ROLES
 
@@ -67,6 +67,7 @@ def _parser() -> argparse.ArgumentParser:
 
     client_commands.add_parsers(sub)
     image_commands.add_parsers(sub)
+    keys_commands.add_parsers(sub)
     return parser
 
 
@@ -128,9 +129,10 @@ async def _serve(settings: Settings, servers: Servers, roles: frozenset[str]) ->
         loop.add_signal_handler(sig, stop.set)
 
     status: dict[str, str] = {}
+    first_key: list[str] = []
 
     def ready(port: int) -> None:
-        _print_banner(settings, servers, roles, port, status)
+        _print_banner(settings, servers, roles, port, status, first_key)
 
     await run_services(
         settings,
@@ -140,17 +142,34 @@ async def _serve(settings: Settings, servers: Servers, roles: frozenset[str]) ->
         on_ready=ready,
         status=status,
         progress=lambda line: print(line, file=sys.stderr, flush=True),
+        on_first_key=first_key.append,
     )
     print("forgeline: stopped cleanly", file=sys.stderr)
     return 0
 
 
 def _print_banner(
-    settings: Settings, servers: Servers, roles: frozenset[str], port: int, status: dict[str, str]
+    settings: Settings,
+    servers: Servers,
+    roles: frozenset[str],
+    port: int,
+    status: dict[str, str],
+    first_key: list[str],
 ) -> None:
     lines = ["", f"Forgeline is up ({', '.join(sorted(roles))})"]
     if "gateway" in roles:
         lines.append(f"  API        http://{settings.host}:{port}")
+        if first_key:
+            # The one time this secret is shown: it is stored hashed, never logged.
+            lines.append(f"  admin key  {first_key[0]}")
+            lines.append(
+                "             shown this once: keep it (export FORGELINE_API_KEY=...); "
+                "`forgeline keys create` makes more"
+            )
+        elif settings.admin_key is not None:
+            lines.append("  admin key  FORGELINE_ADMIN_KEY")
+        else:
+            lines.append("  API keys   send FORGELINE_API_KEY; `forgeline keys create|list|revoke`")
     lines.append(f"  data dir   {settings.data_dir}")
     lines.append(
         f"  NATS       {servers.nats_url}" + (" (embedded)" if "nats" in servers.embedded else "")

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pydantic import SecretStr
 from rich.console import Console
 from rich.live import Live
 from rich.syntax import Syntax
@@ -19,6 +20,7 @@ from rich.table import Table
 from forgeline.bootstrap import Servers, run_services, running_servers
 from forgeline.client import ForgelineClient
 from forgeline.settings import Settings
+from gateway import keys
 
 console = Console(highlight=False)
 
@@ -64,7 +66,15 @@ TERMINAL = {"patch_ready", "failed", "cancelled"}
 
 def run_demo(data_dir: Path | None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="fl-demo-", dir="/tmp"))
-    settings = Settings(data_dir=data_dir or workdir / "data", port=0, log_level="WARNING")
+    # The demo's own admin key, made at start-up and removed at the end: a data dir the demo
+    # used still gets its first admin key printed by the first `forgeline up`.
+    secret = keys.generate_secret()
+    settings = Settings(
+        data_dir=data_dir or workdir / "data",
+        port=0,
+        log_level="WARNING",
+        admin_key=SecretStr(secret),
+    )
     console.rule("[bold]Forgeline demo")
     try:
         with running_servers(settings, progress=lambda m: console.print(f"[dim]{m}[/dim]")) as s:
@@ -74,6 +84,8 @@ def run_demo(data_dir: Path | None) -> int:
 
 
 async def _demo(settings: Settings, servers: Servers, workdir: Path) -> int:
+    assert settings.admin_key is not None
+    secret = settings.admin_key.get_secret_value()
     stop = asyncio.Event()
     ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
     status: dict[str, str] = {}
@@ -91,17 +103,26 @@ async def _demo(settings: Settings, servers: Servers, workdir: Path) -> int:
         port = await asyncio.wait_for(asyncio.shield(ready), 600)
         console.print(f"gateway on http://127.0.0.1:{port}")
         console.print(f"workspaces: {status.get('workspaces', '?')}")
-        return await asyncio.to_thread(_scenario, f"http://127.0.0.1:{port}", workdir)
+        return await asyncio.to_thread(_scenario, f"http://127.0.0.1:{port}", workdir, secret)
     finally:
         stop.set()
         await services
+        await _forget_key(servers.database_url, secret)
         console.print("[dim]stopped everything[/dim]")
 
 
-def _scenario(url: str, workdir: Path) -> int:
+async def _forget_key(database_url: str, secret: str) -> None:
+    import psycopg
+
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        await keys.create_table(conn)
+        await keys.delete_key(conn, secret)
+
+
+def _scenario(url: str, workdir: Path, api_key: str) -> int:
     repo = _sample_repo(workdir / "sample-repo")
     console.print(f"sample repository: {repo}")
-    with ForgelineClient(url) as client:
+    with ForgelineClient(url, api_key) as client:
         shout = client.submit({"repo": str(repo), "prompt": ADD_SHOUT, "labels": {"demo": "1"}})
         broken = client.submit({"repo": str(repo), "prompt": FAILING, "labels": {"demo": "1"}})
         tracked = {"add shout option": shout["request_id"], "failing script": broken["request_id"]}

@@ -7,10 +7,10 @@ import binascii
 import os
 import socket
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 def _default_data_dir() -> Path:
@@ -56,6 +56,15 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
     log_level: str = "INFO"
 
+    # API keys (docs/operations.md, "Security"). An admin key made at start-up unless it is one
+    # already (automation, compose); unset, the first start makes one and prints it once.
+    admin_key: SecretStr | None = None
+    # Per API key, in each gateway process: `burst` at once, then so many a minute (0: off).
+    rate_limit_per_min: int = Field(default=1200, ge=0)
+    rate_limit_burst: int = Field(default=100, ge=1)
+    # Browser origins allowed to call the API (CORS), comma-separated; none by default.
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
     # Client commands (submit, status, logs, ...) talk HTTP to this gateway.
     url: str = "http://127.0.0.1:8080"
     api_key: SecretStr | None = None
@@ -72,11 +81,33 @@ class Settings(BaseSettings):
         check_cipher_key(value.get_secret_value())
         return value
 
+    @field_validator("admin_key")
+    @classmethod
+    def _admin_key_long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value():
+            return None
+        secret = value.get_secret_value()
+        printable = all("!" <= char <= "~" for char in secret)  # what a Bearer header carries
+        if not MIN_ADMIN_KEY_CHARS <= len(secret) <= 512 or not printable:
+            raise ValueError(
+                f"the admin key must be {MIN_ADMIN_KEY_CHARS} to 512 printable ASCII characters"
+                " without spaces, and random (make one with: openssl rand -base64 32)"
+            )
+        return value
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _origins_from_a_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [origin.strip() for origin in value.split(",") if origin.strip()]
+        return value
+
     @property
     def workspaces_dir(self) -> Path:
         return self.data_dir / "workspaces"
 
 
+MIN_ADMIN_KEY_CHARS = 24
 CIPHER_KEY_ENV = "FORGELINE_CIPHER_KEY"
 CIPHER_TOPIC = "eventsourcing.cryptography:AESCipher"  # AES-GCM, from the cryptography package
 

@@ -14,8 +14,9 @@ from starlette.responses import JSONResponse
 from broker.commands import AnyCommand, publish_command
 from domain.commands import CancelRequest, RequestSpec, RerunRequest, RerunSpec, SubmitRequest
 from domain.status import RunStatus
-from gateway import idempotency
+from gateway import idempotency, scope
 from gateway._http import deps, json_body, path_id
+from gateway.auth import current_key
 from gateway.errors import ApiError, not_found, validation_failed
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,7 @@ async def submit_request(request: Request) -> JSONResponse:
         spec = RequestSpec.model_validate(body)
     except ValidationError as exc:
         raise validation_failed(exc) from None
+    scope.check_submit(request, spec.labels)
     key = request.headers.get("idempotency-key")
     if key is not None:
         if not 0 < len(key) <= MAX_IDEMPOTENCY_KEY:
@@ -55,6 +57,7 @@ async def submit_request(request: Request) -> JSONResponse:
         run_id=run_id,
         spec=spec,
         idempotency_key=key,
+        submitted_by=current_key(request).id,
     )
     await _publish(request, command)
     return JSONResponse(
@@ -69,6 +72,7 @@ async def submit_request(request: Request) -> JSONResponse:
 
 async def rerun_request(request: Request) -> JSONResponse:
     request_id = path_id(request, "request")
+    await scope.check_request(request, request_id)
     body = await json_body(request, optional=True)
     try:
         spec = RerunSpec.model_validate(body)
@@ -83,7 +87,11 @@ async def rerun_request(request: Request) -> JSONResponse:
     await _publish(
         request,
         RerunRequest(
-            command_id=f"rerun:{run_id}", request_id=request_id, run_id=run_id, prompt=spec.prompt
+            command_id=f"rerun:{run_id}",
+            request_id=request_id,
+            run_id=run_id,
+            prompt=spec.prompt,
+            requested_by=current_key(request).id,
         ),
     )
     return JSONResponse({"request_id": str(request_id), "run_id": str(run_id)}, status_code=202)
@@ -91,6 +99,7 @@ async def rerun_request(request: Request) -> JSONResponse:
 
 async def cancel_request(request: Request) -> JSONResponse:
     request_id = path_id(request, "request")
+    await scope.check_request(request, request_id)
     status = await _latest_run_status(request, request_id)
     if status.is_terminal:
         raise ApiError(
@@ -104,6 +113,7 @@ async def cancel_request(request: Request) -> JSONResponse:
             command_id=f"cancel:{uuid.uuid4()}",
             request_id=request_id,
             run_id=UUID(existing["latest_run_id"]),
+            requested_by=current_key(request).id,
         ),
     )
     return JSONResponse(

@@ -21,3 +21,8 @@ class GatewayDeps:
     views: Views
     app: Forgeline  # read-only use: decoding stored events for the events endpoint
     max_body_bytes: int = 1024 * 1024
+    # Per API key: a burst, then so many a minute (0: no limit). See gateway/ratelimit.py.
+    rate_limit_per_min: int = 0
+    rate_limit_burst: int = 1
+    # Browser origins allowed to call the API (CORS); none by default.
+    cors_origins: tuple[str, ...] = ()

@@ -12,6 +12,7 @@ from starlette.responses import StreamingResponse
 
 from broker.logs import read_log
 from domain.status import RunStatus
+from gateway import scope
 from gateway._http import deps, path_id
 from gateway.deps import GatewayDeps
 from gateway.errors import not_found
@@ -19,6 +20,7 @@ from gateway.errors import not_found
 
 async def stream_logs(request: Request) -> StreamingResponse:
     run_id = path_id(request, "run")
+    await scope.check_run(request, run_id)
     d = deps(request)
     if await d.views.get_run(run_id) is None:
         raise not_found("run", str(run_id))

@@ -34,5 +34,5 @@ def forgeline() -> Iterator[Instance]:
 
 @pytest.fixture(scope="module")
 def api(forgeline: Instance) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=forgeline.url, timeout=30.0) as client:
+    with forgeline.client() as client:
         yield client

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -28,6 +29,13 @@ from tests.helpers import free_port, wait_until
 TERMINAL_REQUEST = {"patch_ready", "failed", "cancelled"}
 TERMINAL_RUN = {"succeeded", "failed", "cancelled"}
 PROVISIONER = "local"
+# Every `forgeline up` of the tests gets this admin key through FORGELINE_ADMIN_KEY (fresh for
+# each test session), and the tests' HTTP clients and CLI runs send it.
+ADMIN_KEY = "fl_e2e_" + secrets.token_urlsafe(32)
+
+
+def auth(key: str = ADMIN_KEY) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
 
 
 def forgeline_executable() -> str:
@@ -57,10 +65,22 @@ def short_tmp_dir(prefix: str = "fle2e-") -> Path:
 
 
 class Instance:
-    """One `forgeline up` child process on a data dir and a port."""
+    """One `forgeline up` child process on a data dir and a port.
 
-    def __init__(self, root: Path, port: int | None = None) -> None:
+    admin_key is passed as FORGELINE_ADMIN_KEY (None: unset, so the first start prints a key);
+    env holds more FORGELINE_* settings (lower-case names without the prefix).
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        port: int | None = None,
+        admin_key: str | None = ADMIN_KEY,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         self.root = root
+        self.admin_key = admin_key
+        self.extra_env = dict(env or {})
         self.data_dir = root / "data"
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -73,15 +93,28 @@ class Instance:
         return self.root / f"forgeline-{self.starts}.log"
 
     def env(self) -> dict[str, str]:
-        return clean_env(
-            data_dir=str(self.data_dir),
-            host="127.0.0.1",
-            port=str(self.port),
-            log_level="INFO",
+        settings = {
+            "data_dir": str(self.data_dir),
+            "host": "127.0.0.1",
+            "port": str(self.port),
+            "log_level": "INFO",
             # Local workspaces: fast and the same on every machine (Docker workspaces need an
             # engine and an image; their own tests cover them).
-            provisioner=PROVISIONER,
-        )
+            "provisioner": PROVISIONER,
+            # The tests poll fast (every 10-50 ms); the limit has its own tests.
+            "rate_limit_per_min": "60000",
+            "rate_limit_burst": "1000",
+        }
+        if self.admin_key is not None:
+            settings["admin_key"] = self.admin_key
+        settings.update(self.extra_env)
+        return clean_env(**settings)
+
+    def client(self, key: str | None = None, timeout: float = 30.0) -> httpx.Client:
+        """An HTTP client of this instance sending key (default: its admin key)."""
+        key = key or self.admin_key
+        headers = auth(key) if key else {}
+        return httpx.Client(base_url=self.url, timeout=timeout, headers=headers)
 
     def start(self, ready_timeout: float = 60.0) -> None:
         assert self.proc is None, "already running"

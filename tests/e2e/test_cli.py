@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from tests.e2e.support import (
+    ADMIN_KEY,
     PROVISIONER,
     Instance,
     apply_to_clone,
@@ -36,7 +37,7 @@ printf 'new\\n' > added.txt
 def run_cli(
     url: str, *args: str, timeout: float = 60, columns: int | None = 200
 ) -> subprocess.CompletedProcess[str]:
-    env = clean_env(url=url)
+    env = clean_env(url=url, api_key=ADMIN_KEY)
     if columns is not None:
         env["COLUMNS"] = str(columns)  # a wide terminal; the default width is tested apart
     else:
@@ -109,7 +110,7 @@ def test_submit_wait_status_logs_patch_rerun(
         f"{forgeline_executable()} patch {run_id} | git apply -",
         shell=True,
         cwd=clone,
-        env=clean_env(url=url),
+        env=clean_env(url=url, api_key=ADMIN_KEY),
         capture_output=True,
         text=True,
         check=False,

@@ -76,23 +76,23 @@ def test_requests_survive_sigterm_and_kill_9(instance: Instance, tmp_path: Path)
     instance.start()
 
     # SIGTERM while a run is going: a clean stop hands the run back, the next start resumes it.
-    with httpx.Client(base_url=instance.url, timeout=30.0) as api:
+    with instance.client() as api:
         stopped = submit(api, repo, SLOW_SCRIPT)
         wait_run(api, stopped["run_id"], {"running"}, timeout=30)
     stop_cleanly(instance)
     instance.start()
-    with httpx.Client(base_url=instance.url, timeout=30.0) as api:
+    with instance.client() as api:
         _check_completed(api, repo, stopped, tmp_path / "clone-stopped", {2})
 
     # kill -9 of everything: one request is mid-run, another was accepted a moment ago.
-    with httpx.Client(base_url=instance.url, timeout=30.0) as api:
+    with instance.client() as api:
         running = submit(api, repo, SLOW_SCRIPT)
         wait_run(api, running["run_id"], {"running"}, timeout=30)
         just_accepted = submit(api, repo, SLOW_SCRIPT)
     instance.kill()
 
     instance.start()  # same data dir, same port
-    with httpx.Client(base_url=instance.url, timeout=30.0) as api:
+    with instance.client() as api:
         _check_completed(api, repo, just_accepted, tmp_path / "clone-accepted", {1, 2})
         # A run whose worker died is redelivered once its ack wait (30 s) runs out.
         _check_completed(api, repo, running, tmp_path / "clone-running", {2})
@@ -120,7 +120,7 @@ def test_the_agent_of_a_killed_worker_does_not_run_on(instance: Instance, tmp_pa
     marker = f"45.{uuid.uuid4().int % 10**6:06d}"
     try:
         instance.start()
-        with httpx.Client(base_url=instance.url, timeout=30.0) as api:
+        with instance.client() as api:
             accepted = submit(api, repo, f"sleep {marker}\n")
             wait_run(api, accepted["run_id"], {"running"}, timeout=30)
             wait_until(lambda: _processes(["sleep", marker]), 10, "the agent to start")

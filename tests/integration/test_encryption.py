@@ -34,6 +34,7 @@ from tests.event_scenario import record_every_event_type
 from tests.integration.conftest import eventually, in_thread
 
 SECRET = "echo top-secret-6f2d > secret.txt"
+ADMIN_KEY = "fl_encryption_test_admin_key_0123456789"
 
 
 def new_key() -> str:
@@ -129,6 +130,7 @@ async def encrypted_services(
         host="127.0.0.1",
         port=0,
         shutdown_grace_s=5,
+        admin_key=SecretStr(ADMIN_KEY),
     )
     assert settings.cipher_key is not None
     port: list[int] = []
@@ -157,7 +159,8 @@ async def test_with_a_key_the_whole_system_works(
     encrypted_services: tuple[str, Forgeline], own_nats: str, database_url: str, git_repo: Path
 ) -> None:
     base, app = encrypted_services
-    async with httpx.AsyncClient(base_url=base, timeout=10) as http:
+    auth = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    async with httpx.AsyncClient(base_url=base, timeout=10, headers=auth) as http:
         answer = await http.post("/v1/requests", json={"repo": str(git_repo), "prompt": SECRET})
         assert answer.status_code == 202, answer.text
         request_id, run_id = answer.json()["request_id"], answer.json()["run_id"]
