@@ -29,6 +29,7 @@ from domain.application import Forgeline
 from forgeline.provisioning import Workspaces, open_workspaces
 from forgeline.settings import Settings, eventsourcing_env
 from forgeline.startup import ALL_ROLES, StartupError
+from forgeline.store_integrity import ensure_store_integrity
 from gateway import idempotency
 from gateway import keys as api_keys
 from gateway.app import create_app
@@ -157,6 +158,8 @@ async def run_services(
     settings.admin_key (FORGELINE_ADMIN_KEY), that key is made an admin key instead.
     """
     app = await anyio.to_thread.run_sync(open_store, servers.database_url, settings.cipher_key)
+    # Hash chains and append-only triggers on the events table (idempotent).
+    await anyio.to_thread.run_sync(ensure_store_integrity, servers.database_url)
     nc = await connect(servers.nats_url, name=f"forgeline-{settings.worker_name}")
     js = nc.jetstream()
     pool: AsyncConnectionPool[Any] | None = None

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from forgeline import client_commands, image_commands, keys_commands
+from forgeline import client_commands, image_commands, keys_commands, store_commands
 from forgeline.settings import Settings
 from forgeline.startup import ALL_ROLES
 
@@ -68,6 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     client_commands.add_parsers(sub)
     image_commands.add_parsers(sub)
     keys_commands.add_parsers(sub)
+    store_commands.add_parsers(sub)
     return parser
 
 
