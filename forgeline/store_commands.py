@@ -79,7 +79,10 @@ def add_parsers(sub: Any) -> None:
     )
     when.add_argument("--position", type=int, metavar="N", help="the state after store position N")
     p.add_argument("--request", metavar="ID", help="only this request and its runs")
-    p.add_argument("--json", action="store_true", help="print the state as JSON")
+    p.add_argument(
+        "--limit", type=int, default=50, help="requests listed as text, newest first (default 50)"
+    )
+    p.add_argument("--json", action="store_true", help="print the state as JSON (all of it)")
     _store_flags(p)
     p.set_defaults(handler=_replay)
 
@@ -361,7 +364,7 @@ def _replay(args: argparse.Namespace, settings: Settings) -> int:
     out = _out()
     _print_moment(moment, out)
     table = Table("request", "status", "agent", "created (UTC)", "updated (UTC)", "runs")
-    for view in views:
+    for view in views[: max(args.limit, 0)]:
         table.add_row(
             view["id"],
             view["status"],
@@ -371,7 +374,9 @@ def _replay(args: argparse.Namespace, settings: Settings) -> int:
             ", ".join(f"#{r['number']} {r['status']}" for r in view["runs"]),
         )
     out.print(table)
-    out.print(f"{len(views)} request(s), {sum(len(v['runs']) for v in views)} run(s)")
+    more = len(views) - max(args.limit, 0)
+    note = f" ({more} older not listed: --limit, --request or --json)" if more > 0 else ""
+    out.print(f"{len(views)} request(s), {sum(len(v['runs']) for v in views)} run(s){note}")
     return EXIT_OK
 
 

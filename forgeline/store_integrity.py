@@ -129,28 +129,42 @@ class InstallReport:
     created: list[str] = field(default_factory=list)  # what this call created or changed
     backfilled: int = 0  # rows hashed that predate the triggers
     reenabled: list[str] = field(default_factory=list)  # triggers found disabled
+    failed: str | None = None  # why this role could not install what was missing
 
 
 def install(conn: psycopg.Connection[Any]) -> InstallReport:
     """Adds the hash columns, functions and triggers the store lacks; idempotent and cheap when
     everything is there (no table lock then). Takes the schema advisory lock."""
     report = InstallReport()
-    with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK_KEY,))
-        version = _scalar(conn, "SELECT current_setting('server_version_num')::int")
-        if int(version) < MIN_SERVER_VERSION:
-            raise StoreIntegrityError(
-                f"Postgres {version} has no built-in sha256(); Forgeline needs Postgres 11+"
-            )
-        schema, table = _events_table(conn)
-        _add_columns(conn, table, report)
-        triggers = _triggers(conn)
-        first_install = HASH_TRIGGER not in triggers and GUARD_TRIGGER not in triggers
-        _create_functions(conn, schema, table, report)
-        if first_install:
-            conn.execute(sql.SQL("LOCK TABLE {} IN EXCLUSIVE MODE").format(table))
-            report.backfilled = _backfill(conn, table)
-        _create_triggers(conn, schema, table, triggers, report)
+    try:
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK_KEY,))
+            version = _scalar(conn, "SELECT current_setting('server_version_num')::int")
+            if int(version) < MIN_SERVER_VERSION:
+                raise StoreIntegrityError(
+                    f"Postgres {version} has no built-in sha256(); Forgeline needs Postgres 11+"
+                )
+            schema, table = _events_table(conn)
+            _add_columns(conn, table, report)
+            triggers = _triggers(conn)
+            first_install = HASH_TRIGGER not in triggers and GUARD_TRIGGER not in triggers
+            _create_functions(conn, schema, table, report)
+            if first_install:
+                conn.execute(sql.SQL("LOCK TABLE {} IN EXCLUSIVE MODE").format(table))
+                report.backfilled = _backfill(conn, table)
+            _create_triggers(conn, schema, table, triggers, report)
+    except psycopg.errors.InsufficientPrivilege as exc:
+        # A role that does not own the table (the recommended deployment) cannot change it:
+        # everything was installed by the owner, or must be. Not fatal: verify reports it.
+        report = InstallReport(failed=str(exc).splitlines()[0])
+        log.error(
+            "event store integrity: cannot install or repair the hash and append-only triggers"
+            " as this role (%s); run Forgeline once as the owner of %s, and check with"
+            " `forgeline verify`",
+            report.failed,
+            EVENTS_TABLE,
+        )
+        return report
     if report.created or report.backfilled:
         log.info(
             "event store integrity: created %s; hashed %d earlier events",

@@ -239,6 +239,55 @@ def test_a_non_superuser_application_role_is_refused_too(pg_server: EmbeddedPost
             admin.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
 
 
+def test_an_application_role_that_does_not_own_the_table_cannot_switch_the_guard_off(
+    pg_server: EmbeddedPostgres, database_url: str
+) -> None:
+    """The deployment docs/audit.md recommends: an administrator owns the store, the
+    application's role may only read and append (UPDATE only for eventsourcing's table lock)."""
+    owner = open_store(database_url)
+    ensure_store_integrity(database_url)
+    owner.close()
+    role = f"fl_app_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(pg_server.url("postgres"), autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
+    try:
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            for grant in (
+                "GRANT SELECT, INSERT, UPDATE ON {} TO {}",
+                "GRANT USAGE ON SEQUENCE forgeline_events_notification_id_seq TO {1}",
+            ):
+                conn.execute(
+                    sql.SQL(grant).format(sql.Identifier(EVENTS_TABLE), sql.Identifier(role))
+                )
+        url = database_url.replace("postgres@", f"{role}@")
+        # Not the owner: eventsourcing must not try to create the table (nor its index).
+        app = Forgeline(env={**eventsourcing_env(url), "CREATE_TABLE": "false"})
+        try:
+            assert ensure_store_integrity(url).failed is None  # nothing to change
+            Scenario(app).play(2)
+        finally:
+            app.close()
+        with psycopg.connect(url, autocommit=True) as conn:
+            for statement in (
+                f"UPDATE {EVENTS_TABLE} SET state = state",
+                f"DELETE FROM {EVENTS_TABLE}",
+                f"ALTER TABLE {EVENTS_TABLE} DISABLE TRIGGER {GUARD_TRIGGER}",
+            ):
+                with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                    conn.execute(statement.encode())
+            assert verify(conn).ok
+        # A trigger the owner left disabled: this role cannot repair it, and says so.
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            conn.execute(f"ALTER TABLE {EVENTS_TABLE} DISABLE TRIGGER {GUARD_TRIGGER}")
+        assert ensure_store_integrity(url).failed is not None
+        assert forgeline(url, "verify")[0] == 1
+    finally:
+        with psycopg.connect(database_url, autocommit=True) as conn:  # its grants
+            conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+        with psycopg.connect(pg_server.url("postgres"), autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+
+
 # ----------------------------------------------------------------------------- tampering
 
 Tamper = Callable[[str, list[tuple[Any, ...]]], int]  # does it; returns the expected position
