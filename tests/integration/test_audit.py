@@ -17,6 +17,8 @@ import json
 import os
 import re
 import shlex
+import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import redirect_stdout
 from dataclasses import dataclass
@@ -37,6 +39,7 @@ from domain.request import Request
 from domain.status import FailureCode
 from forgeline import cli
 from forgeline.bootstrap import open_store
+from forgeline.embedded import start_postgres
 from forgeline.store_integrity import ensure_store_integrity
 from projections.audit import request_history
 
@@ -354,6 +357,37 @@ def test_the_tools_read_an_encrypted_store_given_its_key(database_url: str, cloc
     assert forgeline(database_url, "verify")[0] == 0  # hashes are over the stored bytes
     # Without the key: a plain error, not a traceback.
     assert forgeline(database_url, "audit", str(REQUEST)) == (2, "")
+
+
+def test_the_tools_reach_the_embedded_postgres_of_the_data_dir(clock: Clock) -> None:
+    """Without FORGELINE_DATABASE_URL: the data dir's Postgres, reused when it runs (and left
+    running), else started for the command and stopped after it."""
+    data_dir = Path(tempfile.mkdtemp(prefix="fl-dd-", dir="/tmp"))
+    data_dir.chmod(0o711)
+    no_url = {"FORGELINE_DATABASE_URL": "", "FORGELINE_DATA_DIR": str(data_dir)}
+    pg = None
+    try:
+        assert forgeline("", "verify", env=no_url) == (2, "")  # no store there: nothing made
+        assert not (data_dir / "postgres").exists()
+
+        pg = start_postgres(data_dir / "postgres")  # as `forgeline up` starts it
+        app = open_store(pg.url("forgeline"))
+        ensure_store_integrity(pg.url("forgeline"))
+        play_story(app, clock)
+        app.close()
+        code, out = forgeline("", "audit", str(REQUEST), "--json", env=no_url)
+        assert code == 0 and json.loads(out)["request"]["status"] == "patch_ready"
+        assert pg.is_ready(), "a server someone else started is left running"
+
+        pg.stop()
+        code, out = forgeline("", "verify", "--data-dir", str(data_dir), env=no_url)
+        assert code == 0 and out.startswith("ok: 22 events verified")
+        assert not pg.is_ready(), "a server the command started is stopped again"
+        assert not (pg.pgdata / "postmaster.pid").exists()
+    finally:
+        if pg is not None:
+            pg.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------ docs/audit.md
