@@ -11,7 +11,8 @@ run, each in events/s:
   state`) through one server-side cursor, nothing decoded: the floor;
 - select_notifications: eventsourcing's reader, in batches, nothing decoded;
 - replay: projections.replay.replay (decode + fold in memory), the whole store;
-- rebuild: projections.rebuild.rebuild_and_swap (decode + the SQL projection + the swap);
+- rebuild: projections.rebuild.rebuild_and_swap, bulk (fold in memory + COPY + the swap)
+  and bulk=False (every event applied as the projector's SQL);
 - verify: forgeline.store_integrity.verify (both hash chains recomputed).
 
 Before that, the cost of the integrity triggers: the same writes into a store with and without
@@ -24,6 +25,7 @@ import argparse
 import hashlib
 import json
 import platform
+import resource
 import shutil
 import sys
 import tempfile
@@ -194,12 +196,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trigger-events", type=int, default=50_000)
     parser.add_argument("--database-url", help="a server to create the bench databases on")
     parser.add_argument("--out", type=Path, help="write the results as JSON into this dir")
+    parser.add_argument("--skip-trigger-cost", action="store_true", help="measure only the reads")
     args = parser.parse_args(argv)
 
     results: dict[str, Any] = {"events_requested": args.events}
     with server(args.database_url) as new_db:
-        print("integrity triggers: insert cost", file=sys.stderr)
-        results["trigger_cost"] = trigger_cost(new_db, args.trigger_events)
+        if not args.skip_trigger_cost:
+            print("integrity triggers: insert cost", file=sys.stderr)
+            results["trigger_cost"] = trigger_cost(new_db, args.trigger_events)
 
         url = new_db("bench_replay")
         app = open_store(url)
@@ -217,7 +221,11 @@ def main(argv: list[str] | None = None) -> int:
                 ("raw SELECT", lambda: raw_select(url)),
                 ("select_notifications", lambda: notifications(app)),
                 ("replay (in memory)", lambda: replay(app).events),
-                ("rebuild (tables + swap)", lambda: rebuild_and_swap(app, url).events),
+                ("rebuild (bulk + swap)", lambda: rebuild_and_swap(app, url).events),
+                (
+                    "rebuild (SQL per event)",
+                    lambda: rebuild_and_swap(app, url, bulk=False).events,
+                ),
                 ("verify (both chains)", lambda: _verify(url)),
             ):
                 print(f"measuring {name}", file=sys.stderr, flush=True)
@@ -228,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             app.close()
 
+    results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     floor = results["read"]["raw SELECT"]["events_per_s"]
     print(f"\n{written:,} stored events")
     print(f"{'case':26} {'events/s':>12} {'seconds':>9} {'vs raw SELECT':>14}")
@@ -236,8 +245,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{name:26} {row['events_per_s']:>12,.0f} {row['seconds']:>9.1f}"
             f" {floor / row['events_per_s']:>13.1f}x"
         )
+    print(f"peak memory of this process: {results['peak_rss_mb']:,.0f} MB")
     print("\ninserts without / with the integrity triggers:")
-    for name, case in results["trigger_cost"].items():
+    for name, case in results.get("trigger_cost", {}).items():
         off, on = case["without"]["events_per_s"], case["with"]["events_per_s"]
         print(
             f"  {name:22} {off:>8,.0f} / {on:>8,.0f} events/s"

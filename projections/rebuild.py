@@ -29,10 +29,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+from eventsourcing.persistence import StoredEvent
 from psycopg import errors, sql
+from psycopg.types.json import Jsonb
 
 from domain.application import EVENTS_TABLE, Forgeline
+from domain.run import Run
 from projections.apply import Applier
+from projections.replay import replay
 from projections.runner import ProjectionRunner
 from projections.schema import LIVE_PREFIX, POSITIONS_TABLE, SCHEMA_LOCK_KEY, tables
 
@@ -71,7 +75,12 @@ def rebuild_and_swap(
     batch_size: int = 1000,
     lock_timeout_s: float = 5.0,
     attempts: int = 10,
+    bulk: bool = True,
 ) -> RebuildResult:
+    """Rebuilds projection `name` from position 0 into fresh tables and swaps them in (see the
+    module docstring). bulk: fill the fresh tables by folding the store in memory
+    (projections/replay.py) and COPYing the rows in, about 3x faster than applying every event
+    as SQL (bulk=False); what is stored meanwhile is applied as SQL either way."""
     if name not in PROJECTIONS:
         raise RebuildError(f"no projection named {name!r} (known: {', '.join(PROJECTIONS)})")
     live_prefix = PROJECTIONS[name]
@@ -86,7 +95,10 @@ def rebuild_and_swap(
             runner = ProjectionRunner(app, conninfo, prefix=fresh_prefix, batch_size=batch_size)
             try:
                 runner.create_tables()
-                applied = runner.catch_up(progress)
+                if bulk:
+                    applied = _bulk_load(app, conn, fresh_prefix, batch_size, progress)
+                else:
+                    applied = runner.catch_up(progress)
                 for attempt in range(1, attempts + 1):
                     applied += runner.catch_up(progress)  # what came in meanwhile
                     try:
@@ -120,6 +132,91 @@ def rebuild_and_swap(
         finally:
             with contextlib.suppress(psycopg.Error):
                 conn.execute("SELECT pg_advisory_unlock(%s)", (REBUILD_LOCK_KEY,))
+
+
+_REQUEST_COLUMNS = (
+    "id, status, repo, ref, prompt, agent, agent_options, priority, timeout_s, labels,"
+    " idempotency_key, created_at, updated_at, latest_run_id"
+)
+_RUN_COLUMNS = (
+    "id, request_id, number, status, agent, attempt, exit_code, error, queued_at, started_at,"
+    " finished_at, patch, usage, diff"
+)
+_JSON_COLUMNS = frozenset({"agent_options", "labels", "error", "patch", "usage"})
+
+
+def _bulk_load(
+    app: Forgeline,
+    conn: psycopg.Connection[Any],
+    fresh_prefix: str,
+    batch_size: int,
+    progress: Callable[[int], None] | None,
+) -> int:
+    """Fills the fresh, empty tables with the whole store folded in memory (the rows
+    projections/apply.py would have made), COPYed in with their position in one transaction;
+    diffs are read back from their PatchProduced events a chunk of runs at a time."""
+    state = replay(app, keep_diffs=False, batch_size=max(batch_size, 2000), progress=progress)
+    requests, runs = tables(fresh_prefix)
+    with conn.transaction(), conn.cursor() as cur:
+        copy_requests = sql.SQL("COPY {} ({}) FROM STDIN").format(
+            requests, sql.SQL(_REQUEST_COLUMNS)
+        )
+        with cur.copy(copy_requests) as copy:
+            for row in state.requests.values():
+                copy.write_row(_copy_values(row))
+        run_rows = list(state.runs.values())
+        copy_runs = sql.SQL("COPY {} ({}) FROM STDIN").format(runs, sql.SQL(_RUN_COLUMNS))
+        for first in range(0, len(run_rows), 500):
+            chunk = run_rows[first : first + 500]
+            diffs = _diffs(
+                app,
+                conn,
+                [state.patch_positions[r["id"]] for r in chunk if r["id"] in state.patch_positions],
+            )
+            with cur.copy(copy_runs) as copy:
+                for row in chunk:
+                    position = state.patch_positions.get(row["id"])
+                    values = {**row, "diff": diffs[position] if position is not None else None}
+                    copy.write_row(_copy_values(values))
+        cur.execute(
+            sql.SQL("UPDATE {p} SET position = %s WHERE name = %s AND position = 0").format(
+                p=_POSITIONS
+            ),
+            (state.position, f"{fresh_prefix}tables"),
+        )
+        if cur.rowcount != 1:
+            raise RebuildError(f"the position row of {fresh_prefix}tables moved during the load")
+    return state.events
+
+
+def _copy_values(row: dict[str, Any]) -> list[Any]:
+    return [Jsonb(v) if k in _JSON_COLUMNS and v is not None else v for k, v in row.items()]
+
+
+def _diffs(app: Forgeline, conn: psycopg.Connection[Any], positions: list[int]) -> dict[int, str]:
+    """The diff of the PatchProduced event at each position."""
+    if not positions:
+        return {}
+    rows = conn.execute(
+        sql.SQL(
+            "SELECT notification_id, originator_id, originator_version, topic, state"
+            " FROM {} WHERE notification_id = ANY(%s)"
+        ).format(sql.Identifier(EVENTS_TABLE)),
+        (positions,),
+    ).fetchall()
+    diffs = {}
+    for position, originator_id, version, topic, state in rows:
+        event = app.mapper.to_domain_event(
+            StoredEvent(
+                originator_id=originator_id,
+                originator_version=version,
+                topic=topic,
+                state=bytes(state),
+            )
+        )
+        assert isinstance(event, Run.PatchProduced), event
+        diffs[int(position)] = event.diff
+    return diffs
 
 
 def drop_leftovers(conn: psycopg.Connection[Any]) -> list[str]:

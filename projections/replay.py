@@ -43,6 +43,9 @@ class ReplayState:
     last_timestamp: datetime | None = None
     requests: dict[UUID, Row] = field(default_factory=dict)
     runs: dict[UUID, Row] = field(default_factory=dict)
+    # run id -> position of the PatchProduced event its `diff` column holds (diffs can be
+    # large; without keep_diffs they stay in the store and are read when needed)
+    patch_positions: dict[UUID, int] = field(default_factory=dict)
 
     def request_view(self, request_id: UUID) -> dict[str, Any] | None:
         """The request as GET /v1/requests/{id} showed it then."""
@@ -111,14 +114,14 @@ class MemoryApplier:
             Run.RunCancelled: lambda e: self._set_run(
                 e, RunStatus.CANCELLED, finished_at=e.timestamp
             ),
-            Run.RunRequeued: lambda e: self._set_run(
-                e, RunStatus.QUEUED, started_at=None, patch=None, diff=None
-            ),
+            Run.RunRequeued: self._run_requeued,
         }
+        self._position = 0
 
     def apply(self, position: int, event: Any) -> None:
         handler = self._handlers.get(type(event))
         if handler is not None:
+            self._position = position
             handler(event)
         self.state.position = position
         self.state.events += 1
@@ -180,6 +183,12 @@ class MemoryApplier:
             "sha256": e.sha256,
         }
         self._set_run(e, None, patch=summary, diff=e.diff if self.keep_diffs else None)
+        if e.originator_id in self.state.runs:
+            self.state.patch_positions[e.originator_id] = self._position
+
+    def _run_requeued(self, e: Run.RunRequeued) -> None:
+        self._set_run(e, RunStatus.QUEUED, started_at=None, patch=None, diff=None)
+        self.state.patch_positions.pop(e.originator_id, None)
 
     def _set_run(self, e: Any, status: RunStatus | None, **columns: Any) -> None:
         run = self.state.runs.get(e.originator_id)

@@ -248,17 +248,17 @@ async def test_rebuild_while_traffic_flows_loses_nothing(app: Forgeline, databas
 
     def rebuild_several() -> None:
         time.sleep(0.5)
-        for n in range(4):
+        for n in range(6):
             before = store_positions(database_url)[-1]
             if n == 2:  # once through the command, as an operator runs it
                 code, out = forgeline(database_url, "projections", "rebuild", "views")
                 assert code == 0 and out.startswith("rebuilt views: "), out
                 result = out
             else:
-                result = rebuild_and_swap(app, database_url, batch_size=50)
+                result = rebuild_and_swap(app, database_url, batch_size=50, bulk=n != 1)
             rebuilds.append((before, store_positions(database_url)[-1], result))
             oids.add(live_table_oids(database_url))
-            time.sleep(0.3)
+            time.sleep(0.4)
 
     async with AsyncConnectionPool(database_url, min_size=2, max_size=4, open=False) as pool:
         readers = Readers(pool)
@@ -274,11 +274,11 @@ async def test_rebuild_while_traffic_flows_loses_nothing(app: Forgeline, databas
             await reading
     live.close()
 
-    assert len(oids) == 5, "each rebuild swapped new tables in"
+    assert len(oids) == 7, "each rebuild swapped new tables in"
     assert any(after > before for before, after, _ in rebuilds), "writes went on meanwhile"
     assert readers.errors == []
     assert readers.vanished == []
-    assert readers.reads > 50 and len(readers.seen) > 20
+    assert readers.reads > 100 and len(readers.seen) > 50
 
     # Exactly once: each committed move of the live position starts where the last one ended
     # (the swaps included), and the tables equal a rebuild from scratch.
@@ -358,9 +358,12 @@ def test_the_swap_waits_for_a_batch_in_flight_and_retries(
     assert leftovers(database_url) == []  # the failed rebuild's tables are gone
 
 
-def test_rebuild_creates_the_live_tables_when_none_exist(app: Forgeline, database_url: str) -> None:
+@pytest.mark.parametrize("bulk", [True, False], ids=["bulk", "sql"])
+def test_rebuild_creates_the_live_tables_when_none_exist(
+    app: Forgeline, database_url: str, bulk: bool
+) -> None:
     Scenario(app).play(3)
-    result = rebuild_and_swap(app, database_url)
+    result = rebuild_and_swap(app, database_url, bulk=bulk)
     assert result.events == len(store_positions(database_url)) == result.position
     assert applied_position(database_url, LIVE_PREFIX) == result.position
     assert table_rows(database_url, LIVE_PREFIX) == rebuilt_rows(app, database_url, "scratch_")
