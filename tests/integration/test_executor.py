@@ -32,7 +32,7 @@ from psycopg_pool import AsyncConnectionPool
 from broker import subjects
 from broker.commands import AnyCommand, publish_command
 from broker.connection import connect
-from broker.logs import read_log
+from broker.logs import ACK_TIMEOUT_S, read_log
 from domain.application import Forgeline
 from domain.commands import CancelRequest, RequestSpec, RerunRequest, SubmitRequest
 from domain.run import Run
@@ -560,7 +560,8 @@ async def test_run_ends_after_nats_lost_some_of_its_log_lines(
             server.stop()
             server = start_nats(store_dir, port=port)
 
-            run = await finished(services, command.run_id, timeout=10)
+            # The lost lines' acknowledgements are waited for ACK_TIMEOUT_S, then given up.
+            run = await finished(services, command.run_id, timeout=ACK_TIMEOUT_S + 20)
             assert run.is_terminal
     finally:
         server.stop()
