@@ -13,6 +13,7 @@ from gateway.deps import GatewayDeps
 from gateway.errors import EXCEPTION_HANDLERS
 from gateway.keys import Role
 from gateway.ratelimit import RateLimiter
+from gateway.ui import ROUTES as UI_ROUTES  # the web UI: / and /static/ (no key needed)
 
 VIEWER, OPERATOR, ADMIN = (requires(role) for role in (Role.VIEWER, Role.OPERATOR, Role.ADMIN))
 
@@ -52,7 +53,9 @@ def create_app(deps: GatewayDeps) -> Starlette:
                 max_age=600,
             )
         )
-    app = Starlette(routes=ROUTES, exception_handlers=EXCEPTION_HANDLERS, middleware=middleware)
+    app = Starlette(
+        routes=[*ROUTES, *UI_ROUTES], exception_handlers=EXCEPTION_HANDLERS, middleware=middleware
+    )
     app.state.deps = deps
     app.state.limiter = RateLimiter(deps.rate_limit_per_min, deps.rate_limit_burst)
     return app

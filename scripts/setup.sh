@@ -13,6 +13,17 @@ say() { printf '==> %s\n' "$*"; }
 if [ "${FORGELINE_SKIP_DOCKER:-0}" != 1 ]; then
     bash scripts/ensure-docker.sh
 fi
+# Browser tests (tests/e2e/test_ui.py): Debian's Chromium at /usr/bin/chromium, driven by
+# Playwright from PyPI (never `playwright install`). FORGELINE_SKIP_BROWSER=1 skips it.
+if [ "${FORGELINE_SKIP_BROWSER:-0}" != 1 ] && ! command -v chromium >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        say "installing Debian's chromium (browser tests)"
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    else
+        echo "WARNING: no chromium and not root: the browser tests will skip" \
+            "(as root: apt-get install chromium; FORGELINE_SKIP_BROWSER=1 silences this)" >&2
+    fi
+fi
 # -----------------------------------------------------------------------------------------------
 
 find_python() {
