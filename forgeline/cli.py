@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from forgeline import client_commands, image_commands, keys_commands, store_commands
+from forgeline.logging_setup import configure_logging
 from forgeline.settings import Settings
 from forgeline.startup import ALL_ROLES
 
@@ -88,13 +89,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    for noisy in ("nats", "httpx", "eventsourcing"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    configure_logging(level)  # text, or JSON lines with FORGELINE_LOG_FORMAT=json
 
 
 # Server commands import the whole system lazily: client commands start fast without it.

@@ -12,6 +12,7 @@ from gateway.auth import requires
 from gateway.deps import GatewayDeps
 from gateway.errors import EXCEPTION_HANDLERS
 from gateway.keys import Role
+from gateway.openapi import ROUTES as DOC_ROUTES  # /openapi.json, /docs, /asyncapi.json (no key)
 from gateway.ratelimit import RateLimiter
 from gateway.ui import ROUTES as UI_ROUTES  # the web UI: / and /static/ (no key needed)
 
@@ -54,7 +55,9 @@ def create_app(deps: GatewayDeps) -> Starlette:
             )
         )
     app = Starlette(
-        routes=[*ROUTES, *UI_ROUTES], exception_handlers=EXCEPTION_HANDLERS, middleware=middleware
+        routes=[*ROUTES, *DOC_ROUTES, *UI_ROUTES],
+        exception_handlers=EXCEPTION_HANDLERS,
+        middleware=middleware,
     )
     app.state.deps = deps
     app.state.limiter = RateLimiter(deps.rate_limit_per_min, deps.rate_limit_burst)

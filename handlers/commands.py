@@ -21,6 +21,7 @@ from domain.application import Forgeline
 from domain.commands import CancelRequest, RerunRequest, SubmitRequest
 from domain.errors import DomainError
 from domain.request import Request
+from handlers import log_context
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,11 @@ MAX_DECISION_ATTEMPTS = 10
 
 def handle_command(app: Forgeline, command: AnyCommand) -> None:
     """Decides and saves in one transaction; re-decides when another writer saved first."""
+    with log_context.bound(request_id=command.request_id, run_id=command.run_id):
+        _handle_command(app, command)
+
+
+def _handle_command(app: Forgeline, command: AnyCommand) -> None:
     for _ in range(MAX_DECISION_ATTEMPTS):
         try:
             _decide(app, command)

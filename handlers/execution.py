@@ -27,6 +27,7 @@ from domain.application import Forgeline
 from domain.errors import IllegalTransition
 from domain.run import Run
 from domain.status import FailureCode, RunStatus
+from handlers import log_context
 from handlers.agents.base import Agent
 from handlers.run_attempt import RunAttempt
 from handlers.store import decide_on_run_async, load_run
@@ -147,6 +148,10 @@ class Executor:
 
     async def execute(self, run_id: UUID, trigger_version: int, *, redelivered: bool) -> None:
         """Claims and runs one attempt of the run the trigger event names."""
+        with log_context.bound(run_id=run_id):
+            await self._execute(run_id, trigger_version, redelivered=redelivered)
+
+    async def _execute(self, run_id: UUID, trigger_version: int, *, redelivered: bool) -> None:
         run = await load_run(self.app, run_id)
         if run.is_terminal:
             return

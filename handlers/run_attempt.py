@@ -6,15 +6,18 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import anyio
+from prometheus_client import Histogram
 
 from broker.logs import RunLogWriter
 from domain.errors import IllegalTransition
 from domain.run import Run
 from domain.status import FailureCode
+from handlers import log_context
 from handlers.store import decide_on_run_async, load_run
 from handlers.workspaces.base import (
     AgentTimedOut,
@@ -31,6 +34,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# In this process's default registry: the gateway's /metrics shows it when it runs in the same
+# process as the worker (`forgeline up`); see docs/observability.md.
+PROVISIONING_SECONDS = Histogram(
+    "forgeline_provisioning_seconds",
+    "Time to provision a run's workspace (retries included), in this process, by outcome.",
+    ["provisioner", "outcome"],
+    buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+)
+
 
 class RunAttempt:
     def __init__(self, executor: Executor, run: Run) -> None:
@@ -40,6 +52,10 @@ class RunAttempt:
         self._workspace: Workspace | None = None
 
     async def go(self) -> None:
+        with log_context.bound(request_id=self._run.request_id, run_id=self._run.id):
+            await self._go()
+
+    async def _go(self) -> None:
         try:
             await self._provision_and_run()
         except (WorkspaceError, OSError) as exc:
@@ -84,17 +100,25 @@ class RunAttempt:
             f"provisioning a {self._x.provisioner.name} workspace: "
             f"{request.repo} at {spec.ref or 'HEAD'} (attempt {run.attempt})"
         )
+        began = time.monotonic()
         try:
             self._workspace = await self._provision(spec)
-        except WorkspaceUnavailable as exc:
-            await self._fail(FailureCode.WORKSPACE_UNAVAILABLE, str(exc))
-            return
-        except RepoUnreachable as exc:
-            await self._fail(FailureCode.REPO_UNREACHABLE, str(exc))
-            return
         except WorkspaceError as exc:
-            await self._fail(FailureCode.WORKSPACE_FAILED, str(exc))
+            PROVISIONING_SECONDS.labels(self._x.provisioner.name, "failed").observe(
+                time.monotonic() - began
+            )
+            code = (
+                FailureCode.WORKSPACE_UNAVAILABLE
+                if isinstance(exc, WorkspaceUnavailable)
+                else FailureCode.REPO_UNREACHABLE
+                if isinstance(exc, RepoUnreachable)
+                else FailureCode.WORKSPACE_FAILED
+            )
+            await self._fail(code, str(exc))
             return
+        took = time.monotonic() - began
+        PROVISIONING_SECONDS.labels(self._x.provisioner.name, "ok").observe(took)
+        log.info("run %s: workspace provisioned in %.2f s", run.id, took)
         workspace = self._workspace
         await self._system(f"workspace ready at commit {workspace.base_commit}")
 
