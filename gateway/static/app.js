@@ -187,15 +187,17 @@ function dashboardPage(params) {
 function requestRow(r) {
   const link = `#/requests/${encodeURIComponent(r.id)}`;
   const firstLine = String(r.prompt || "").split("\n").find((l) => l.trim()) || "";
+  const cell = (label, attrs, ...children) =>
+    h("td", { "data-label": label, ...attrs }, h("span", { class: "v" }, ...children));
   return h("tr", { dataset: { id: r.id, status: r.status } },
-    h("td", { "data-label": "Request" }, h("a", { href: link, class: "mono" }, short(r.id))),
-    h("td", { "data-label": "Status" }, statusBadge(r.status)),
-    h("td", { "data-label": "Repository", class: "mono clip", title: r.repo },
-      tail(r.repo, 36), r.ref ? h("span", { class: "muted" }, ` @ ${r.ref}`) : null),
-    h("td", { "data-label": "Prompt", class: "clip", title: r.prompt }, firstLine),
-    h("td", { "data-label": "Priority" }, r.priority),
-    h("td", { "data-label": "Created", class: "nowrap" }, when(r.created_at)),
-    h("td", { "data-label": "Updated", class: "nowrap" }, when(r.updated_at)));
+    cell("Request", {}, h("a", { href: link, class: "mono" }, short(r.id))),
+    cell("Status", {}, statusBadge(r.status)),
+    cell("Repository", { class: "mono clip", title: r.repo },
+      tail(r.repo, 30), r.ref ? h("span", { class: "muted" }, ` @ ${r.ref}`) : null),
+    cell("Prompt", { class: "clip", title: r.prompt }, firstLine),
+    cell("Priority", {}, r.priority),
+    cell("Created", { class: "nowrap" }, when(r.created_at)),
+    cell("Updated", { class: "nowrap" }, when(r.updated_at)));
 }
 
 // The end of a long path or URL is the telling part: "…/repos/app".

@@ -51,7 +51,7 @@ ORIGINAL = {"README.md": "# sample\n", "greeting.txt": "hello\n"}
 
 # Slow enough that the first lines show while the run is still going.
 EDIT_SLOWLY = """\
-for i in 1 2 3 4 5 6; do echo "tick $i"; sleep 0.5; done
+for i in 1 2 3 4 5 6 7 8; do echo "tick $i"; sleep 0.5; done
 echo "a warning on stderr" >&2
 printf 'hello, world\\n' > greeting.txt
 mkdir -p docs
