@@ -457,7 +457,8 @@ function requestPage(requestId) {
       `queued ${when(run.queued_at)}`,
       run.finished_at ? ` · finished ${when(run.finished_at)}` : "",
       run.exit_code !== null && run.exit_code !== undefined ? ` · exit ${run.exit_code}` : "",
-      run.patch ? ` · ${run.patch.files_changed} file(s) +${run.patch.insertions} −${run.patch.deletions}` : ""),
+      run.patch ? ` · ${run.patch.files_changed} file(s) +${run.patch.insertions} −${run.patch.deletions}` : "",
+      run.usage ? ` · ${usageText(run.usage)}` : ""),
     run.error ? h("div", { class: "error" }, `${run.error.code}: ${run.error.message}`) : null)));
     const selected = req.runs.find((r) => r.id === state.selectedRun);
     if (selected) loadDiff(selected);
@@ -563,6 +564,14 @@ function eventDetail(ev) {
   if (d.files_changed !== undefined) bits.push(`${d.files_changed} file(s)`);
   for (const by of ["submitted_by", "cancelled_by", "requested_by"]) if (d[by]) bits.push(`by ${d[by]}`);
   return bits.length ? h("div", { class: "ev-detail muted" }, bits.join(" · ")) : null;
+}
+
+function usageText(u) {
+  const bits = [];
+  if (u.input_tokens != null) bits.push(`${u.input_tokens} in`);
+  if (u.output_tokens != null) bits.push(`${u.output_tokens} out tokens`);
+  if (u.cost_usd != null) bits.push(`$${Number(u.cost_usd).toFixed(4)}`);
+  return bits.join(", ");
 }
 
 function firstLine(text) { return String(text).split("\n").find((l) => l.trim()) || ""; }
