@@ -47,7 +47,37 @@ async def json_body(request: Request, *, optional: bool = False) -> dict[str, An
         raise ApiError(400, "invalid_json", f"the body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise ApiError(400, "invalid_json", "the body must be a JSON object")
+    where = _nul_at(body, "")
+    if where is not None:
+        # Postgres text and jsonb cannot hold U+0000: such a request would be stored as an
+        # event that no read table can take (the projector would stop on it).
+        raise ApiError(
+            422,
+            "validation_failed",
+            f"invalid request: check {where or 'body'}",
+            [{"field": where or None, "message": "must not contain U+0000", "type": "nul"}],
+        )
     return body
+
+
+def _nul_at(value: Any, path: str) -> str | None:
+    """The dotted path of the first string (or key) holding U+0000, else None."""
+    if isinstance(value, str):
+        return path if "\x00" in value else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            here = f"{path}.{key}" if path else str(key)
+            if "\x00" in key:
+                return here
+            found = _nul_at(item, here)
+            if found is not None:
+                return found
+    if isinstance(value, list):
+        for index, item in enumerate(value):
+            found = _nul_at(item, f"{path}.{index}" if path else str(index))
+            if found is not None:
+                return found
+    return None
 
 
 def _too_large(limit: int) -> ApiError:

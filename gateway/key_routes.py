@@ -47,6 +47,8 @@ async def create_key(request: Request) -> JSONResponse:
 
 async def revoke_key(request: Request) -> JSONResponse:
     key_id = request.path_params["id"]
+    if "\x00" in key_id:  # Postgres text cannot hold it: no key has such an id
+        raise not_found("key", key_id.replace("\x00", "\\0"))
     async with deps(request).pool.connection() as conn:
         key = await keys.revoke_key(conn, key_id)
     if key is None:

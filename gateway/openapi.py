@@ -467,14 +467,42 @@ def _schemas() -> dict[str, Any]:
         ref_template="#/components/schemas/{model}",
     )
     schemas: dict[str, Any] = top.get("$defs", {})
-    # What the validators check beyond the types: told to clients in the schema too.
-    spec = schemas["RequestSpec"]
-    spec["properties"]["agent"]["enum"] = sorted(AGENTS)
-    spec["properties"]["labels"]["maxProperties"] = MAX_LABELS
-    spec["properties"]["labels"]["propertyNames"] = {
-        "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.\-/]{0,62}$"
-    }
+    # What the validators of domain/commands.py and gateway/keys.py check beyond the types,
+    # told to clients in the schema too (the same regular expressions, Python's dialect).
+    spec = schemas["RequestSpec"]["properties"]
+    spec["repo"]["pattern"] = _REPO_PATTERN
+    _string_branch(spec["ref"])["pattern"] = _REF_PATTERN
+    spec["prompt"]["pattern"] = _NOT_BLANK
+    spec["agent"]["enum"] = sorted(AGENTS)
+    options: dict[str, Any] = {}
+    for agent in AGENTS.values():
+        options.update(agent.options_schema.get("properties", {}))
+    spec["agent_options"].update({"properties": options, "additionalProperties": False})
+    spec["labels"]["maxProperties"] = MAX_LABELS
+    spec["labels"]["propertyNames"] = {"pattern": r"^[A-Za-z0-9][A-Za-z0-9_.\-/]{0,62}$"}
+    _string_branch(schemas["RerunSpec"]["properties"]["prompt"])["pattern"] = _NOT_BLANK
+    key_spec = schemas["KeySpec"]
+    key_spec["properties"]["projects"]["items"]["pattern"] = r"^[^\s,][^,]{0,255}$"
+    key_spec["if"] = {"properties": {"role": {"const": "admin"}}, "required": ["role"]}
+    key_spec["then"] = {"properties": {"projects": {"maxItems": 0}}}  # admins see every project
     return schemas
+
+
+# domain/commands.py: the value stripped, then a git URL, a file:// URL or an absolute path.
+_REPO_PATTERN = (
+    r"^\s*(?:file:///[\s\S]*|/[\s\S]*|(?:https?|ssh|git)://[^\s/]+(?:/\S*)?"
+    r"|[\w.-]+@[\w.-]+:\S+)\s*$"
+)
+_REF_PATTERN = r"^[^\s~^:?*\[\\]{1,255}$"
+_NOT_BLANK = r"\S"  # a prompt must not be blank
+
+
+def _string_branch(schema: dict[str, Any]) -> dict[str, Any]:
+    """The string schema inside an optional field's anyOf [string, null]."""
+    for branch in schema.get("anyOf", [schema]):
+        if branch.get("type") == "string":
+            return branch  # type: ignore[no-any-return]
+    raise AssertionError(f"no string branch in {schema}")
 
 
 def build_document(routes: list[BaseRoute]) -> dict[str, Any]:

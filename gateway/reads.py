@@ -32,7 +32,7 @@ async def list_requests(request: Request) -> JSONResponse:
     raw_limit = request.query_params.get("limit", "50")
     if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_PAGE:
         raise ApiError(400, "invalid_query", f"limit must be a whole number from 1 to {MAX_PAGE}")
-    cursor = request.query_params.get("cursor")
+    cursor = request.query_params.get("cursor") or None  # empty: the first page, as status=
     key = current_key(request)
     try:
         if key.scoped:
