@@ -154,7 +154,8 @@ def _print_banner(
 ) -> None:
     lines = ["", f"Forgeline is up ({', '.join(sorted(roles))})"]
     if "gateway" in roles:
-        lines.append(f"  API        http://{settings.host}:{port}")
+        lines.append(f"  Web UI     http://{settings.host}:{port}/  (log in with an API key)")
+        lines.append(f"  API        http://{settings.host}:{port}/v1  (docs: /docs, /openapi.json)")
         if first_key:
             # The one time this secret is shown: it is stored hashed, never logged.
             lines.append(f"  admin key  {first_key[0]}")
