@@ -158,9 +158,13 @@ async def run_services(
     settings.admin_key (FORGELINE_ADMIN_KEY), that key is made an admin key instead.
     """
     app = await anyio.to_thread.run_sync(open_store, servers.database_url, settings.cipher_key)
-    # Hash chains and append-only triggers on the events table (idempotent).
-    await anyio.to_thread.run_sync(ensure_store_integrity, servers.database_url)
-    nc = await connect(servers.nats_url, name=f"forgeline-{settings.worker_name}")
+    try:
+        # Hash chains and append-only triggers on the events table (idempotent).
+        await anyio.to_thread.run_sync(ensure_store_integrity, servers.database_url)
+        nc = await connect(servers.nats_url, name=f"forgeline-{settings.worker_name}")
+    except BaseException:
+        await anyio.to_thread.run_sync(app.close)
+        raise
     js = nc.jetstream()
     pool: AsyncConnectionPool[Any] | None = None
     workspaces: Workspaces | None = None
