@@ -148,7 +148,11 @@ class Instance:
                         f"{self.log_tail()}"
                     )
                 try:
-                    if client.get("/readyz").status_code == 200:
+                    # Ready, and the banner (printed just after the gateway listens) is out.
+                    if (
+                        client.get("/readyz").status_code == 200
+                        and b"Press Ctrl-C to stop." in self.log_path.read_bytes()
+                    ):
                         return
                 except httpx.TransportError:
                     pass
