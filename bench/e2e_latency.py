@@ -1,38 +1,43 @@
-"""POST /v1/requests -> patch_ready for a trivial shell request, against its floor.
+"""Case 4: POST /v1/requests -> patch_ready for a no-op shell request, against its floor.
 
 The floor is the same work done by hand in the same run, without HTTP, NATS, Postgres or
 projections. Local: `git clone`, run the script, `git add -A && git diff --cached`. Docker:
 `git clone` on the host, then one `docker run --rm --network none` of the workspace image that
 unpacks the repository from stdin, runs the script and prints the diff. The ratio is the price
 of the event-sourced, broker-based path: durability, audit history, live logs, limits.
+
+Requests go one at a time through a Forgeline process with every role (as `forgeline up`),
+polled with GET /v1/requests/{id} every 5 ms. Afterwards each request's events give the time
+spent per hop (from the events' timestamps), the evidence of where the overhead goes.
+
+`run(provisioner, rounds)` still works on its own (it makes its own servers).
 """
 
 from __future__ import annotations
 
 import asyncio
-import statistics
 import subprocess
-import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
 import httpx
 
-from forgeline.bootstrap import run_services, running_servers
-from forgeline.settings import Settings
+from bench.common import (
+    AUTH,
+    NOOP_SCRIPT,
+    Forgeline,
+    Row,
+    Stack,
+    latency_summary,
+    make_repo,
+    stack,
+)
 
-SCRIPT = "echo benchmark >> README.md\n"
-
-
-def make_repo(path: Path) -> Path:
-    path.mkdir(parents=True)
-    (path / "README.md").write_text("# bench\n")
-    git = ["git", "-C", str(path), "-c", "user.name=b", "-c", "user.email=b@example.com"]
-    subprocess.run([*git[:3], "init", "-q"], check=True)
-    subprocess.run([*git, "add", "."], check=True)
-    subprocess.run([*git, "commit", "-qm", "init"], check=True)
-    return path
+SCRIPT = NOOP_SCRIPT
+POLL_S = 0.005
+WORKSPACE_IMAGE = "forgeline/workspace:bookworm-1"
 
 
 def by_hand(repo: Path, workdir: Path, index: int) -> float:
@@ -49,10 +54,12 @@ def by_hand(repo: Path, workdir: Path, index: int) -> float:
         check=True,
         capture_output=True,
     )
-    return time.perf_counter() - start
+    elapsed = time.perf_counter() - start
+    subprocess.run(["rm", "-rf", str(clone), str(script)], check=False)
+    return elapsed
 
 
-def by_hand_docker(repo: Path, workdir: Path, index: int, image: str) -> float:
+def by_hand_docker(repo: Path, workdir: Path, index: int, image: str = WORKSPACE_IMAGE) -> float:
     start = time.perf_counter()
     clone = workdir / f"dock-{index}"
     subprocess.run(["git", "clone", "-q", str(repo), str(clone)], check=True)
@@ -82,75 +89,137 @@ def by_hand_docker(repo: Path, workdir: Path, index: int, image: str) -> float:
         check=True,
         capture_output=True,
     )
-    return time.perf_counter() - start
+    elapsed = time.perf_counter() - start
+    subprocess.run(["rm", "-rf", str(clone)], check=False)
+    return elapsed
 
 
-async def through_forgeline(client: httpx.AsyncClient, repo: Path) -> float:
+async def through_forgeline(client: httpx.AsyncClient, repo: Path) -> tuple[float, str, float]:
+    """One request, POST to patch_ready: (seconds, request id, wall clock of the POST)."""
+    wall = time.time()
     start = time.perf_counter()
     accepted = await client.post("/v1/requests", json={"repo": str(repo), "prompt": SCRIPT})
     accepted.raise_for_status()
     request_id = accepted.json()["request_id"]
     while True:
         response = await client.get(f"/v1/requests/{request_id}")
-        if response.status_code == 200 and response.json()["status"] == "patch_ready":
-            return time.perf_counter() - start
-        if response.status_code == 200 and response.json()["status"] in ("failed", "cancelled"):
-            run = (await client.get(f"/v1/runs/{response.json()['latest_run_id']}")).json()
-            raise RuntimeError(f"benchmark request ended {run['status']}: {run['error']}")
-        await asyncio.sleep(0.005)
+        if response.status_code == 200:
+            status = response.json()["status"]
+            if status == "patch_ready":
+                return time.perf_counter() - start, request_id, wall
+            if status in ("failed", "cancelled"):
+                run = (await client.get(f"/v1/runs/{response.json()['latest_run_id']}")).json()
+                raise RuntimeError(f"benchmark request ended {run['status']}: {run['error']}")
+        await asyncio.sleep(POLL_S)
 
 
-def summary(samples: list[float]) -> dict[str, float]:
-    ordered = sorted(samples)
-    return {
-        "median_ms": statistics.median(ordered) * 1000,
-        "p90_ms": ordered[int(0.9 * (len(ordered) - 1))] * 1000,
-        "min_ms": ordered[0] * 1000,
-        "n": len(ordered),
-    }
+# Hops of one run, from its events' timestamps (each taken when the event was decided, just
+# before its commit): name -> (from event, to event). "post" is the client's POST, "seen" the
+# client's first GET showing patch_ready.
+HOPS = [
+    ("POST -> RequestSubmitted (gateway, NATS, command handler)", "post", "RequestSubmitted"),
+    ("RunQueued -> ProvisioningStarted (relay, NATS, executor)", "RunQueued",
+     "ProvisioningStarted"),
+    ("ProvisioningStarted -> WorkspaceProvisioned (clone)", "ProvisioningStarted",
+     "WorkspaceProvisioned"),
+    ("WorkspaceProvisioned -> RunStarted", "WorkspaceProvisioned", "RunStarted"),
+    ("RunStarted -> PatchProduced (script, diff)", "RunStarted", "PatchProduced"),
+    ("PatchProduced -> RunSucceeded (logs archived)", "PatchProduced", "RunSucceeded"),
+    ("RunSucceeded -> GET shows patch_ready (projector, poll)", "RunSucceeded", "seen"),
+]  # fmt: skip
+
+
+async def _hops(
+    client: httpx.AsyncClient, done: list[tuple[float, str, float]]
+) -> dict[str, dict[str, float]]:
+    per_hop: dict[str, list[float]] = {name: [] for name, _, _ in HOPS}
+    for seconds, request_id, wall in done:
+        response = await client.get(f"/v1/requests/{request_id}/events")
+        if response.status_code != 200:
+            continue
+        at: dict[str, float] = {"post": wall, "seen": wall + seconds}
+        for event in response.json()["events"]:
+            at.setdefault(event["type"], datetime.fromisoformat(event["timestamp"]).timestamp())
+        for name, start, end in HOPS:
+            if start in at and end in at:
+                per_hop[name].append(at[end] - at[start])
+    return {name: latency_summary(samples) for name, samples in per_hop.items() if samples}
+
+
+async def _forgeline_samples(
+    url: str, repo: Path, rounds: int, warmup: int
+) -> tuple[list[tuple[float, str, float]], dict[str, dict[str, float]]]:
+    async with httpx.AsyncClient(base_url=url, headers=AUTH, timeout=30) as client:
+        done = [await through_forgeline(client, repo) for _ in range(rounds + warmup)][warmup:]
+        return done, await _hops(client, done)
+
+
+def measure(
+    st: Stack,
+    provisioner: Literal["local", "docker"],
+    rounds: int,
+    warmup: int = 3,
+    slots: int = 4,
+) -> dict[str, Any]:
+    """Forgeline's and the by-hand samples, in the same run, one after the other."""
+    workdir = st.dir(f"e2e-{provisioner}")
+    repo = make_repo(workdir / "repo")
+    shared = st.local_forgeline(slots) if provisioner == "local" else None
+    if shared is not None:
+        fl = shared[0]
+    else:
+        fl = Forgeline(
+            st,
+            nats_url=st.nats(f"e2e-{provisioner}"),
+            database_url=st.database(f"e2e_{provisioner}"),
+            provisioner=provisioner,
+            slots=slots,
+            name=f"e2e-{provisioner}",
+        )
+    try:
+        done, hops = asyncio.run(_forgeline_samples(fl.url, repo, rounds, warmup))
+    finally:
+        if shared is None:
+            fl.stop()
+    if provisioner == "docker":
+        hand = [by_hand_docker(repo, workdir, i) for i in range(rounds + warmup)][warmup:]
+    else:
+        hand = [by_hand(repo, workdir, i) for i in range(rounds + warmup)][warmup:]
+    return {"forgeline": [d[0] for d in done], "by_hand": hand, "hops": hops}
+
+
+def rows(provisioner: str, data: dict[str, Any]) -> list[Row]:
+    value, floor = latency_summary(data["forgeline"]), latency_summary(data["by_hand"])
+    overhead = value["p50"] - floor["p50"]
+    floor_name = "by hand: clone, run, diff" + (" in docker run" if provisioner == "docker" else "")
+    return [
+        Row(
+            case="4 end-to-end",
+            metric=f"POST -> patch_ready, no-op, {provisioner}",
+            kind="latency",
+            unit="ms",
+            value=value,
+            floor_name=floor_name,
+            floor=floor,
+            note=f"overhead {overhead:.0f} ms median",
+            extra={"hops_ms": data["hops"], "overhead_median_ms": overhead},
+        )
+    ]
 
 
 def run(
     provisioner: Literal["local", "docker"] = "local", rounds: int = 30, warmup: int = 3
 ) -> dict[str, Any]:
-    workdir = Path(tempfile.mkdtemp(prefix="fl-bench-", dir="/tmp"))
-    repo = make_repo(workdir / "repo")
-    settings = Settings(
-        data_dir=workdir / "data", port=0, log_level="WARNING", provisioner=provisioner
-    )
-    with running_servers(settings, progress=lambda _m: None) as servers:
-        forgeline = asyncio.run(_forgeline_samples(settings, servers, repo, rounds, warmup))
-    if provisioner == "docker":
-        hand = [
-            by_hand_docker(repo, workdir, i, settings.workspace_image)
-            for i in range(rounds + warmup)
-        ][warmup:]
-    else:
-        hand = [by_hand(repo, workdir, i) for i in range(rounds + warmup)][warmup:]
-    result: dict[str, Any] = {
+    """The old entry point: its own servers, one result dict."""
+    with stack() as st:
+        data = measure(st, provisioner, rounds, warmup)
+    forgeline, hand = latency_summary(data["forgeline"]), latency_summary(data["by_hand"])
+    return {
         "case": f"post_to_patch_ready_{provisioner}",
-        "forgeline": summary(forgeline),
-        "by_hand": summary(hand),
+        "forgeline": forgeline,
+        "by_hand": hand,
+        "ratio_median": forgeline["p50"] / hand["p50"],
+        "overhead_median_ms": forgeline["p50"] - hand["p50"],
+        "hops_ms": data["hops"],
+        "median_of_hops_ms": {k: v["p50"] for k, v in data["hops"].items()},
     }
-    result["ratio_median"] = result["forgeline"]["median_ms"] / result["by_hand"]["median_ms"]
-    result["overhead_median_ms"] = result["forgeline"]["median_ms"] - result["by_hand"]["median_ms"]
-    subprocess.run(["rm", "-rf", str(workdir)], check=False)
-    return result
-
-
-async def _forgeline_samples(
-    settings: Settings, servers: Any, repo: Path, rounds: int, warmup: int
-) -> list[float]:
-    stop = asyncio.Event()
-    ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-    services = asyncio.create_task(
-        run_services(settings, servers, stop, on_ready=lambda port: ready.set_result(port))
-    )
-    try:
-        port = await asyncio.wait_for(asyncio.shield(ready), 60)
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
-            samples = [await through_forgeline(client, repo) for _ in range(rounds + warmup)]
-        return samples[warmup:]
-    finally:
-        stop.set()
-        await services
