@@ -1,4 +1,11 @@
-"""How each event changes the read tables: one small function per event type."""
+"""How each event changes the read tables: one small function per event type.
+
+Postgres text and jsonb cannot hold U+0000, while an event can (an event stored before the
+gateway refused it, or a diff with a NUL byte in a file git took for text). Every string
+written here goes through `projectable()`, which puts U+FFFD in place of each U+0000: the
+read tables show the replacement character, the event store keeps the original. Without it
+such an event failed its batch again and again and the projector stopped for good.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +20,26 @@ from domain.request import Request
 from domain.run import Run
 from domain.status import RunStatus
 from projections.schema import tables
+
+NUL = "\x00"
+NUL_REPLACEMENT = "\ufffd"
+
+
+def projectable(value: Any) -> Any:
+    """value with U+FFFD in place of every U+0000 in its strings, dict keys included."""
+    if isinstance(value, str):
+        return value.replace(NUL, NUL_REPLACEMENT) if NUL in value else value
+    if isinstance(value, Jsonb):
+        return Jsonb(projectable(value.obj))
+    if isinstance(value, dict):
+        return {projectable(k): projectable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(projectable(v) for v in value)
+    return value
+
+
+def _execute(cur: Cursor[Any], query: sql.Composed, params: tuple[Any, ...]) -> None:
+    cur.execute(query, projectable(params))
 
 
 class Applier:
@@ -37,7 +64,8 @@ class Applier:
             handler(cur, event)
 
     def _request_submitted(self, cur: Cursor[Any], e: Request.RequestSubmitted) -> None:
-        cur.execute(
+        _execute(
+            cur,
             sql.SQL(
                 "INSERT INTO {t} (id, status, repo, ref, prompt, agent, agent_options, priority,"
                 " timeout_s, labels, idempotency_key, created_at, updated_at, latest_run_id)"
@@ -62,7 +90,8 @@ class Applier:
         )
 
     def _rerun_requested(self, cur: Cursor[Any], e: Request.RerunRequested) -> None:
-        cur.execute(
+        _execute(
+            cur,
             sql.SQL(
                 "UPDATE {t} SET latest_run_id = %s, status = 'queued', updated_at = %s"
                 " WHERE id = %s"
@@ -71,7 +100,8 @@ class Applier:
         )
 
     def _run_queued(self, cur: Cursor[Any], e: Run.RunQueued) -> None:
-        cur.execute(
+        _execute(
+            cur,
             sql.SQL(
                 "INSERT INTO {t} (id, request_id, number, status, agent, attempt, queued_at)"
                 " VALUES (%s, %s, %s, 'queued', %s, 0, %s) ON CONFLICT (id) DO NOTHING"
@@ -117,7 +147,8 @@ class Applier:
         assignments = sql.SQL(", ").join(
             sql.SQL("{} = %s").format(sql.Identifier(name)) for name in columns
         )
-        cur.execute(
+        _execute(
+            cur,
             sql.SQL("UPDATE {t} SET {a} WHERE id = %s").format(t=self._runs, a=assignments),
             (*columns.values(), e.originator_id),
         )
@@ -128,7 +159,8 @@ class Applier:
     ) -> None:
         # A request shows its latest run's status; older runs' events only touch updated_at.
         if status is None:
-            cur.execute(
+            _execute(
+                cur,
                 sql.SQL(
                     "UPDATE {r} SET updated_at = %s"
                     " WHERE id = (SELECT request_id FROM {u} WHERE id = %s)"
@@ -136,7 +168,8 @@ class Applier:
                 (at, run_id),
             )
             return
-        cur.execute(
+        _execute(
+            cur,
             sql.SQL(
                 "UPDATE {r} SET updated_at = %s,"
                 " status = CASE WHEN latest_run_id = %s THEN %s ELSE status END"

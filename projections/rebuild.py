@@ -35,7 +35,7 @@ from psycopg.types.json import Jsonb
 
 from domain.application import EVENTS_TABLE, Forgeline
 from domain.run import Run
-from projections.apply import Applier
+from projections.apply import Applier, projectable
 from projections.replay import replay
 from projections.runner import ProjectionRunner
 from projections.schema import LIVE_PREFIX, POSITIONS_TABLE, SCHEMA_LOCK_KEY, tables
@@ -190,7 +190,11 @@ def _bulk_load(
 
 
 def _copy_values(row: dict[str, Any]) -> list[Any]:
-    return [Jsonb(v) if k in _JSON_COLUMNS and v is not None else v for k, v in row.items()]
+    values = [projectable(v) for v in row.values()]  # no U+0000 (projections/apply.py)
+    return [
+        Jsonb(v) if k in _JSON_COLUMNS and v is not None else v
+        for k, v in zip(row, values, strict=True)
+    ]
 
 
 def _diffs(app: Forgeline, conn: psycopg.Connection[Any], positions: list[int]) -> dict[int, str]:
