@@ -81,22 +81,19 @@ WriteScratch = Callable[[str, str], Awaitable[str]]
 async def patch_of(run_git: GitBytes, write_scratch: WriteScratch, base: str) -> WorkspaceDiff:
     """(diff, numstat) of everything in the work tree against base, untracked files included.
 
-    The diff is text. A file whose diff is not UTF-8 (a Latin-1 text file, say) is diffed as
-    binary instead (base85 in the patch), so `git apply` restores its exact bytes."""
+    The diff is text. A file whose diff is not UTF-8 (a Latin-1 text file, say) or holds a NUL
+    byte is diffed as binary instead (base85 in the patch), so `git apply` restores its exact
+    bytes."""
     await run_git("add", "-A")
     numstat = (await run_git("diff", "--cached", "--numstat", base)).decode(errors="replace")
     raw = await run_git("diff", "--cached", "--binary", base)
-    try:
+    if _storable_text(raw):
         return WorkspaceDiff(raw.decode(), numstat)
-    except UnicodeDecodeError:
-        pass
     names = await run_git("diff", "--cached", "--name-only", "-z", base)
     not_utf8 = []
     for name in filter(None, names.split(b"\0")):
         path = name.decode(errors="surrogateescape")
-        try:
-            (await run_git("diff", "--cached", "--binary", base, "--", path)).decode()
-        except UnicodeDecodeError:
+        if not _storable_text(await run_git("diff", "--cached", "--binary", base, "--", path)):
             not_utf8.append(path)
     attributes = await write_scratch(
         "gitattributes", "".join(f"{_literal_pattern(path)} binary\n" for path in not_utf8)
@@ -105,6 +102,18 @@ async def patch_of(run_git: GitBytes, write_scratch: WriteScratch, base: str) ->
         "-c", f"core.attributesFile={attributes}", "diff", "--cached", "--binary", base
     )
     return WorkspaceDiff(raw.decode(errors="replace"), numstat)
+
+
+def _storable_text(diff: bytes) -> bool:
+    """UTF-8 without NUL: git diffs a file with a NUL byte past its first 8000 bytes as text,
+    and Postgres text cannot hold U+0000 (the read tables would show U+FFFD instead)."""
+    if b"\0" in diff:
+        return False
+    try:
+        diff.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _literal_pattern(path: str) -> str:

@@ -321,6 +321,26 @@ async def test_non_utf8_text_file_comes_back_with_its_own_bytes(
     assert (applied / "latin1.txt").read_bytes() == b"caf\xe9 cr\xe8me\n"
 
 
+async def test_text_file_with_a_late_nul_byte_comes_back_with_its_own_bytes(
+    stack: Stack, git_repo: Path, tmp_path: Path
+) -> None:
+    """git diffs a file whose NUL byte lies past its first 8000 bytes as text; Postgres text
+    cannot hold U+0000, so such a file is diffed as binary and projects intact."""
+    script = "python3 -c \"open('late.txt', 'wb').write(b'a\\n' * 5000 + b'x\\0y\\n')\""
+    command = await submit(stack, git_repo, script)
+    run = await finished(stack, command.run_id)
+    assert run.status is RunStatus.SUCCEEDED and run.patch is not None
+    assert "\x00" not in run.patch
+    applied = clean_clone(git_repo, run.base_commit or "", tmp_path / "applied")
+    git(applied, "apply", stdin=run.patch.encode())
+    assert (applied / "late.txt").read_bytes() == b"a\n" * 5000 + b"x\0y\n"
+
+    async def projected() -> str | None:
+        return await stack.views.get_run_diff(command.run_id)
+
+    assert await eventually(projected, message="the diff to be projected") == run.patch
+
+
 async def test_script_changing_nothing_succeeds_without_a_patch(
     stack: Stack, git_repo: Path
 ) -> None:
