@@ -30,6 +30,7 @@ from forgeline.provisioning import Workspaces, open_workspaces
 from forgeline.settings import Settings, eventsourcing_env
 from forgeline.startup import ALL_ROLES, StartupError
 from forgeline.store_integrity import ensure_store_integrity
+from forgeline.tracing import traced_asgi
 from gateway import idempotency
 from gateway import keys as api_keys
 from gateway.app import create_app
@@ -270,7 +271,7 @@ async def _worker_jobs(
         js,
         subjects.COMMANDS_STREAM,
         durable_config(subjects.COMMAND_HANDLER_DURABLE, [subjects.COMMANDS_SUBJECTS]),
-        command_message_handler(app),
+        command_message_handler(app, js),  # js: records each run's trace when tracing is on
         stop,
     )
     return [commands, executor.run(stop), workspaces.reap_forever(stop)]
@@ -283,7 +284,7 @@ async def _serve_http(
     on_ready: Callable[[int], None] | None,
 ) -> None:
     config = uvicorn.Config(
-        create_app(deps),
+        traced_asgi(create_app(deps)),  # a span per request when tracing is on
         host=settings.host,
         port=settings.port,
         log_level="warning",

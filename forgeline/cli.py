@@ -105,8 +105,14 @@ def _up(args: argparse.Namespace, settings: Settings) -> int:
     from forgeline.bootstrap import running_servers
     from forgeline.embedded import EmbeddedServerError
     from forgeline.startup import StartupError
+    from forgeline.tracing import TracingConfigError, start_tracing
     from handlers.workspaces.base import WorkspaceError
 
+    try:
+        start_tracing(roles)  # only with an OTLP endpoint in OTEL_* (docs/observability.md)
+    except TracingConfigError as exc:
+        print(f"forgeline: invalid setting: {exc}", file=sys.stderr)
+        return 2
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     try:
         with running_servers(settings, progress=lambda m: print(m, file=sys.stderr)) as servers:

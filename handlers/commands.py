@@ -13,15 +13,17 @@ import anyio
 from eventsourcing.application import AggregateNotFoundError
 from eventsourcing.persistence import IntegrityError
 from nats.aio.msg import Msg
+from nats.js import JetStreamContext
 from pydantic import ValidationError
 
+from broker import tracing as broker_tracing
 from broker.commands import AnyCommand, decode_command
 from broker.consumer import Handler, Undeliverable
 from domain.application import Forgeline
 from domain.commands import CancelRequest, RerunRequest, SubmitRequest
 from domain.errors import DomainError
 from domain.request import Request
-from handlers import log_context
+from handlers import log_context, tracing
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,7 @@ def _handle_command(app: Forgeline, command: AnyCommand) -> None:
     raise RuntimeError(f"command {command.command_id}: too many concurrent writes")
 
 
+@tracing.traced_sync("decide")  # load, decide and save: one transaction
 def _decide(app: Forgeline, command: AnyCommand) -> None:
     if isinstance(command, SubmitRequest):
         _submit(app, command)
@@ -100,17 +103,25 @@ def _cancel(app: Forgeline, command: CancelRequest) -> None:
     app.save(run)
 
 
-def command_message_handler(app: Forgeline) -> Handler:
-    """The consumer callback: decode, handle in a thread; the consumer acks after it returns."""
+def command_message_handler(app: Forgeline, js: JetStreamContext | None = None) -> Handler:
+    """The consumer callback: decode, handle in a thread; the consumer acks after it returns.
+    With js, the trace of each run a command queues is recorded for the executor
+    (broker/tracing.py; only when tracing is on)."""
 
     async def handle(msg: Msg) -> None:
-        try:
-            command = decode_command(msg.data)
-        except ValidationError as exc:
-            raise Undeliverable(f"not a valid command: {exc.error_count()} error(s)") from exc
-        try:
-            await anyio.to_thread.run_sync(handle_command, app, command)
-        except AggregateNotFoundError as exc:
-            raise Undeliverable(f"command {command.command_id} names an unknown request") from exc
+        with broker_tracing.processing(msg.subject, msg.headers) as span:
+            try:
+                command = decode_command(msg.data)
+            except ValidationError as exc:
+                raise Undeliverable(f"not a valid command: {exc.error_count()} error(s)") from exc
+            span.set_attributes(broker_tracing.command_attributes(command))
+            if js is not None and not isinstance(command, CancelRequest):
+                await broker_tracing.remember_run_trace(js, command.run_id)
+            try:
+                await anyio.to_thread.run_sync(handle_command, app, command)
+            except AggregateNotFoundError as exc:
+                raise Undeliverable(
+                    f"command {command.command_id} names an unknown request"
+                ) from exc
 
     return handle

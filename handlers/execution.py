@@ -27,7 +27,7 @@ from domain.application import Forgeline
 from domain.errors import IllegalTransition
 from domain.run import Run
 from domain.status import FailureCode, RunStatus
-from handlers import log_context
+from handlers import log_context, tracing
 from handlers.agents.base import Agent
 from handlers.run_attempt import RunAttempt
 from handlers.store import decide_on_run_async, load_run
@@ -149,7 +149,8 @@ class Executor:
     async def execute(self, run_id: UUID, trigger_version: int, *, redelivered: bool) -> None:
         """Claims and runs one attempt of the run the trigger event names."""
         with log_context.bound(run_id=run_id):
-            await self._execute(run_id, trigger_version, redelivered=redelivered)
+            async with tracing.executing(self.js, run_id):
+                await self._execute(run_id, trigger_version, redelivered=redelivered)
 
     async def _execute(self, run_id: UUID, trigger_version: int, *, redelivered: bool) -> None:
         run = await load_run(self.app, run_id)
@@ -160,7 +161,8 @@ class Executor:
                 await self._recover_lost(run_id)  # claimed through this trigger; holder gone
             return  # else another worker holds it through a later trigger
         try:
-            run = await decide_on_run_async(self.app, run_id, self._claim)
+            with tracing.step("claim"):
+                run = await decide_on_run_async(self.app, run_id, self._claim)
         except IllegalTransition:
             return  # another worker claimed it first
         await RunAttempt(self, run).go()

@@ -11,13 +11,13 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import anyio
-from prometheus_client import Histogram
+from prometheus_client import Gauge, Histogram
 
 from broker.logs import RunLogWriter
 from domain.errors import IllegalTransition
 from domain.run import Run
 from domain.status import FailureCode
-from handlers import log_context
+from handlers import log_context, tracing
 from handlers.store import decide_on_run_async, load_run
 from handlers.workspaces.base import (
     AgentTimedOut,
@@ -42,6 +42,9 @@ PROVISIONING_SECONDS = Histogram(
     ["provisioner", "outcome"],
     buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
 )
+RUNS_ACTIVE = Gauge(
+    "forgeline_runs_active", "Run attempts this process is executing now (worker slots in use)."
+)
 
 
 class RunAttempt:
@@ -52,9 +55,13 @@ class RunAttempt:
         self._workspace: Workspace | None = None
 
     async def go(self) -> None:
-        with log_context.bound(request_id=self._run.request_id, run_id=self._run.id):
+        with (
+            log_context.bound(request_id=self._run.request_id, run_id=self._run.id),
+            RUNS_ACTIVE.track_inprogress(),
+        ):
             await self._go()
 
+    @tracing.traced("attempt")
     async def _go(self) -> None:
         try:
             await self._provision_and_run()
@@ -132,6 +139,7 @@ class RunAttempt:
             return  # cancelled while provisioning: RunCancelled is recorded already
         await self._run_agent(workspace, dict(request.agent_options))
 
+    @tracing.traced("provision")
     async def _provision(self, spec: WorkspaceSpec) -> Workspace:
         """Retries an engine that does not answer, with exponential backoff and jitter."""
         retries = self._x.settings.provision_retries
@@ -150,12 +158,14 @@ class RunAttempt:
         run = self._run
         agent = self._x.agents[run.agent]
         agent_task = asyncio.create_task(
-            agent.run(
-                workspace,
-                prompt=run.prompt,
-                options=options,
-                on_line=self._log.write,
-                timeout_s=run.timeout_s,
+            tracing.agent_span(
+                agent.run(
+                    workspace,
+                    prompt=run.prompt,
+                    options=options,
+                    on_line=self._log.write,
+                    timeout_s=run.timeout_s,
+                )
             )
         )
         watcher = asyncio.create_task(self._cancel_when_asked(agent_task))
@@ -192,6 +202,7 @@ class RunAttempt:
                     agent_task.cancel()
                     return
 
+    @tracing.traced("patch")  # the diff, its checks, and the outcome recorded
     async def _finish(
         self,
         workspace: Workspace,
