@@ -26,6 +26,7 @@ from broker.consumer import consume, durable_config
 from broker.relay import Relay
 from broker.streams import StreamSettings, ensure_streams
 from domain.application import Forgeline
+from forgeline.process_metrics import RoleMetrics, serve_metrics
 from forgeline.provisioning import Workspaces, open_workspaces
 from forgeline.settings import Settings, eventsourcing_env
 from forgeline.startup import ALL_ROLES, StartupError
@@ -206,6 +207,11 @@ async def run_services(
             jobs.append(_serve_http(settings, deps, stop, on_ready))
         elif on_ready is not None:
             on_ready(0)
+        if settings.metrics_port is not None:  # this process's own /metrics
+            metrics = RoleMetrics(roles, settings, servers.database_url, js)
+            jobs.append(
+                serve_metrics(metrics, settings.host, settings.metrics_port, stop, progress)
+            )
         await _run_until_stopped(jobs, stop)
     finally:
         if workspaces is not None:

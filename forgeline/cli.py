@@ -77,12 +77,15 @@ def _server_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", type=Path, help="embedded servers' data (FORGELINE_DATA_DIR)")
     p.add_argument("--host", help="address the gateway listens on (FORGELINE_HOST)")
     p.add_argument("--port", type=int, help="port the gateway listens on (FORGELINE_PORT)")
+    p.add_argument(
+        "--metrics-port", type=int, help="serve this process's /metrics (FORGELINE_METRICS_PORT)"
+    )
 
 
 def _settings(args: argparse.Namespace) -> Settings:
     overrides: dict[str, Any] = {
         key: value
-        for key in ("data_dir", "host", "port")
+        for key in ("data_dir", "host", "port", "metrics_port")
         if (value := getattr(args, key, None)) is not None
     }
     return Settings(**overrides)

@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     # A run whose worker stops heartbeating for this long is recovered by another worker.
     run_ack_wait_s: float = Field(default=15.0, ge=3.0, le=600.0)
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    # This process's own /metrics on this port (FORGELINE_HOST), for workers, relays and
+    # projectors running without a gateway (forgeline/process_metrics.py); unset: none.
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
     log_level: str = "INFO"
 
     # API keys (docs/operations.md, "Security"). An admin key made at start-up unless it is one
@@ -94,6 +97,11 @@ class Settings(BaseSettings):
                 " without spaces, and random (make one with: openssl rand -base64 32)"
             )
         return value
+
+    @field_validator("metrics_port", mode="before")
+    @classmethod
+    def _empty_port_is_none(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("cors_origins", mode="before")
     @classmethod
