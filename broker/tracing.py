@@ -52,10 +52,22 @@ tracer = trace.get_tracer("forgeline.broker")
 _buckets: weakref.WeakKeyDictionary[JetStreamContext, KeyValue] = weakref.WeakKeyDictionary()
 
 
+_enabled: bool | None = None  # enabled()'s answer, kept: it is asked on every span
+
+
 def enabled() -> bool:
     """True once this process has an SDK tracer provider (forgeline/tracing.py set one up)."""
-    provider = trace.get_tracer_provider()
-    return not isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider)
+    global _enabled
+    if _enabled is None:
+        provider = trace.get_tracer_provider()
+        _enabled = not isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider)
+    return _enabled
+
+
+def provider_changed() -> None:
+    """Called after the global tracer provider was set: enabled() looks again."""
+    global _enabled
+    _enabled = None
 
 
 def current_headers() -> dict[str, str]:
@@ -84,6 +96,9 @@ def messaging_attributes(
 @contextlib.contextmanager
 def sending(subject: str, attributes: Mapping[str, Any] | None = None) -> Iterator[dict[str, str]]:
     """A producer span around a publish; yields the headers that carry it to the consumer."""
+    if not enabled():  # cheaper than the API's no-op span
+        yield {}
+        return
     with tracer.start_as_current_span(
         f"send {subject}",
         kind=SpanKind.PRODUCER,
@@ -98,6 +113,9 @@ def processing(
 ) -> Iterator[Span]:
     """A consumer span around handling a message, child of the trace its headers (or parent)
     carry; attributes can be added to the span it yields once the message is decoded."""
+    if not enabled():
+        yield trace.INVALID_SPAN
+        return
     with tracer.start_as_current_span(
         f"process {subject}",
         context=parent if parent is not None else context_from(headers),

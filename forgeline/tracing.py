@@ -84,6 +84,7 @@ def configure_tracing(service_name: str, env: Mapping[str, str] | None = None) -
     provider = TracerProvider(resource=resource)
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     trace.set_tracer_provider(provider)
+    broker_tracing.provider_changed()
     return str(resource.attributes.get(SERVICE_NAME))
 
 

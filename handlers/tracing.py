@@ -34,6 +34,9 @@ def _ids() -> dict[str, str]:
 @contextlib.contextmanager
 def step(name: str) -> Iterator[Span]:
     """A span `forgeline.<name>` for one step of the work, with the request and run ids."""
+    if not broker_tracing.enabled():  # tracing off: not even the API's no-op span
+        yield trace.INVALID_SPAN
+        return
     with tracer.start_as_current_span(f"forgeline.{name}", attributes=_ids()) as span:
         yield span
 
@@ -79,6 +82,9 @@ async def executing(js: JetStreamContext, run_id: UUID) -> AsyncIterator[Span]:
     """The executor's span for a run's trigger, in the trace of the command that queued the run
     (broker/tracing.py: recorded beside the run by the command handler); a trace of its own
     when none was recorded."""
+    if not broker_tracing.enabled():
+        yield trace.INVALID_SPAN
+        return
     parent = await broker_tracing.run_trace(js, run_id)
     with tracer.start_as_current_span(
         "forgeline.run",
