@@ -108,17 +108,15 @@ def sending(subject: str, attributes: Mapping[str, Any] | None = None) -> Iterat
 
 
 @contextlib.contextmanager
-def processing(
-    subject: str, headers: Mapping[str, str] | None, parent: Context | None = None
-) -> Iterator[Span]:
-    """A consumer span around handling a message, child of the trace its headers (or parent)
-    carry; attributes can be added to the span it yields once the message is decoded."""
+def processing(subject: str, headers: Mapping[str, str] | None) -> Iterator[Span]:
+    """A consumer span around handling a message, child of the trace its headers carry;
+    attributes can be added to the span it yields once the message is decoded."""
     if not enabled():
         yield trace.INVALID_SPAN
         return
     with tracer.start_as_current_span(
         f"process {subject}",
-        context=parent if parent is not None else context_from(headers),
+        context=context_from(headers),
         kind=SpanKind.CONSUMER,
         attributes=messaging_attributes(subject, "process"),
     ) as span:
