@@ -114,6 +114,11 @@ class RunView(_Shape):
     finished_at: datetime | None
     patch: PatchStats | None
     usage: Usage | None
+    queue_position: int | None = Field(
+        default=None,
+        description="queued runs: 1 = the next to start (priority, then round robin by the"
+        " project label, then queue order); null otherwise. Only in GET /v1/runs/{id}",
+    )
 
 
 class RequestView(_Shape):

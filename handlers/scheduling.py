@@ -6,7 +6,9 @@ waits for the commit) and every worker picks from the table. A pick takes the ne
 row in the order of the view `forgeline_run_queue_order`:
 
   priority (1 first), then the row's rank within its fairness key (the first queued run of
-  each project, then the second of each, ...: round robin), then queue order.
+  each project, then the second of each, ...), then the key served longest ago first (a
+  pick stamps its key in `forgeline_run_queue_turns`), then queue order. So projects take
+  turns: one with a hundred queued runs and one with two alternate, and a newcomer goes next.
 
 Picks are serialised by a transaction-level advisory lock, which also makes the global
 concurrency limit (claimed rows across every worker process) exact. A claimed row holds a
@@ -28,11 +30,13 @@ from psycopg_pool import AsyncConnectionPool
 
 QUEUE_TABLE = "forgeline_run_queue"
 QUEUE_ORDER_VIEW = "forgeline_run_queue_order"
+QUEUE_TURNS_TABLE = "forgeline_run_queue_turns"
 # Serialises picks (global limit) and schema creation of the queue across processes.
 QUEUE_LOCK_KEY = 0x464C51554555
 
 _Q = sql.Identifier(QUEUE_TABLE)
 _ORDER = sql.Identifier(QUEUE_ORDER_VIEW)
+_TURNS = sql.Identifier(QUEUE_TURNS_TABLE)
 
 CREATE_STATEMENTS = [
     sql.SQL(
@@ -46,12 +50,19 @@ CREATE_STATEMENTS = [
         i=sql.Identifier(f"{QUEUE_TABLE}_lease"), q=_Q
     ),
     sql.SQL(
+        "CREATE TABLE IF NOT EXISTS {t} (fair_key text PRIMARY KEY, served bigint NOT NULL)"
+    ).format(t=_TURNS),
+    sql.SQL("CREATE SEQUENCE IF NOT EXISTS {s}").format(
+        s=sql.Identifier(f"{QUEUE_TURNS_TABLE}_served")
+    ),
+    sql.SQL(
         "CREATE OR REPLACE VIEW {v} AS"
-        " SELECT run_id, row_number() OVER (ORDER BY priority, fair_rank, seq) AS position"
-        " FROM (SELECT run_id, priority, seq, row_number() OVER"
-        " (PARTITION BY priority, fair_key ORDER BY seq) AS fair_rank"
-        " FROM {q} WHERE claimed_by IS NULL) ranked"
-    ).format(v=_ORDER, q=_Q),
+        " SELECT run_id, row_number() OVER"
+        " (ORDER BY priority, fair_rank, coalesce(served, 0), seq) AS position"
+        " FROM (SELECT q.run_id, q.priority, q.seq, t.served, row_number() OVER"
+        " (PARTITION BY q.priority, q.fair_key ORDER BY q.seq) AS fair_rank"
+        " FROM {q} q LEFT JOIN {t} t USING (fair_key) WHERE q.claimed_by IS NULL) ranked"
+    ).format(v=_ORDER, q=_Q, t=_TURNS),
 ]
 
 
@@ -118,7 +129,17 @@ class RunQueue:
                 (worker, self.lease_s),
             )
             row = await cur.fetchone()
-            return UUID(str(row[0])) if row else None
+            if row is None:
+                return None
+            await conn.execute(
+                sql.SQL(
+                    "INSERT INTO {t} (fair_key, served)"
+                    " SELECT fair_key, nextval(%s) FROM {q} WHERE run_id = %s"
+                    " ON CONFLICT (fair_key) DO UPDATE SET served = excluded.served"
+                ).format(t=_TURNS, q=_Q),
+                (f"{QUEUE_TURNS_TABLE}_served", row[0]),
+            )
+            return UUID(str(row[0]))
 
     async def renew(self, worker: str, run_ids: Collection[UUID]) -> set[UUID]:
         """Extends worker's leases of these runs; returns the runs it still holds."""
