@@ -49,9 +49,11 @@ async def services(
     data_dir: Path,
     *,
     workers: int = 1,
+    with_worker: bool = True,
     **overrides: Any,
 ) -> AsyncIterator[Services]:
-    """`workers` worker processes' services (the first also relays and projects)."""
+    """`workers` worker processes' services; the first also relays and projects (and is no
+    worker when with_worker is false)."""
     nc = await connect(nats_url, name="worker-stack-tests")
     app = await in_thread(open_store, database_url)
     pool: AsyncConnectionPool[Any] = AsyncConnectionPool(database_url, min_size=1, open=False)
@@ -60,14 +62,16 @@ async def services(
     provisioner = overrides.pop("provisioner", "local")
     for index in range(workers):
         settings = Settings(
-            data_dir=data_dir / f"worker-{index}",
+            data_dir=data_dir,
             nats_url=nats_url,
             database_url=database_url,
             provisioner=provisioner,
-            worker_name=f"itest-worker-{index}",
+            worker_name=f"itest-worker-{index}-{uuid.uuid4().hex[:6]}",
             **{"worker_slots": 1, "shutdown_grace_s": 5, **overrides},
         )
         roles = {"worker", "relay", "projector"} if index == 0 else {"worker"}
+        if not with_worker:
+            roles.discard("worker")
         stop = asyncio.Event()
         servers = Servers(nats_url=nats_url, database_url=database_url)
         tasks.append(
@@ -134,3 +138,13 @@ def queued_rows(database_url: str) -> int:
             "SELECT count(*) FROM forgeline_run_queue WHERE claimed_by IS NULL"
         ).fetchone()
     return int(row[0]) if row else 0
+
+
+def event_types(database_url: str, run_id: UUID) -> list[str]:
+    with psycopg.connect(database_url) as conn:
+        rows = conn.execute(
+            f"SELECT topic FROM {EVENTS_TABLE} WHERE originator_id = %s"
+            " ORDER BY originator_version",
+            (run_id,),
+        ).fetchall()
+    return [str(row[0]).rsplit(".", 1)[-1] for row in rows]
