@@ -1,0 +1,148 @@
+"""One fault scenario from start to verdict: start the roles, run the load, inject the fault
+while it runs, wait for the system to settle, check the invariants, write the numbers to
+tests/faults/results/<name>.json (docs/reliability.md is made from them), stop everything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from forgeline.bootstrap import open_store
+from tests.faults import checker
+from tests.faults.checker import Report
+from tests.faults.load import Load, LoadResult
+from tests.faults.stack import LEASE_S, Deployment
+from tests.helpers import wait_until
+
+RESULTS_DIR = Path(__file__).parent / "results"
+TERMINAL_TOPICS = r"Run\.Run(Succeeded|Failed|Cancelled)$"
+
+Inject = Callable[[Deployment, Load], None]
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str
+    injected: str  # what was done, for the report
+    requests: int = 200
+    rate: float = 20.0  # submitted per second
+    settle_timeout: float = 150.0  # for every accepted run to end, once the load is in
+    allowed_unexpected: Sequence[str] = ()  # outcomes the fault may cause (see Report)
+
+
+def run(plan: Plan, deployment: Deployment, repo: Path, inject: Inject) -> Report:
+    report = Report(plan.name, plan.injected)
+    began = time.monotonic()
+    deployment.start()
+    report.seconds["start"] = round(time.monotonic() - began, 1)
+    try:
+        mark = time.monotonic()
+        load = Load(deployment.gateway_url, repo, plan.requests, rate=plan.rate, scenario=plan.name)
+        load.start()
+        inject(deployment, load)
+        result = load.result()
+        report.seconds["load"] = round(time.monotonic() - mark, 1)
+        settle(deployment, result, plan.settle_timeout)
+        report.seconds["settle"] = round(time.monotonic() - mark, 1)
+        check(report, deployment, result)
+        report.seconds["check"] = round(time.monotonic() - mark, 1)
+    except BaseException:
+        print(deployment.log_tails())
+        raise
+    finally:
+        report.role_restarts = dict(deployment.restarts)
+        report.stop_codes = deployment.stop()
+        report.seconds["total"] = round(time.monotonic() - began, 1)
+        write(report)
+    return report
+
+
+def accepted_runs_ended(database_url: str, run_ids: list[str]) -> int:
+    with psycopg.connect(database_url, connect_timeout=5) as conn:
+        row = conn.execute(
+            "SELECT count(DISTINCT originator_id) FROM forgeline_events"
+            " WHERE originator_id = ANY(%s::uuid[]) AND topic ~ %s",
+            (run_ids, TERMINAL_TOPICS),
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def last_position(database_url: str) -> int:
+    with psycopg.connect(database_url, connect_timeout=5) as conn:
+        row = conn.execute("SELECT coalesce(max(notification_id), 0) FROM forgeline_events")
+        found = row.fetchone()
+    return int(found[0]) if found else 0
+
+
+def settle(deployment: Deployment, load: LoadResult, timeout: float) -> None:
+    """Waits (with a deadline) until every accepted run ended, the projector applied the whole
+    store and nothing is left behind; a deadline passing is not an error here: the checks then
+    report what did not settle (stuck, mismatching, leaked)."""
+    url = deployment.database_url
+    run_ids = [a.run_id for a in load.accepted]
+    deadline = time.monotonic() + timeout
+
+    def until(predicate: Callable[[], object]) -> None:
+        with contextlib.suppress(AssertionError):
+            wait_until(predicate, max(1.0, deadline - time.monotonic()), interval=0.5)
+
+    until(lambda: accepted_runs_ended(url, run_ids) == len(run_ids))
+    deadline = max(deadline, time.monotonic() + 30)
+    until(lambda: checker.projector_position(url) >= last_position(url))
+    until(lambda: not _leftovers(deployment))
+
+
+def _leftovers(deployment: Deployment) -> list[Any]:
+    found: list[Any] = checker.leftover_workspaces(deployment.workspace_dirs())
+    found += checker.leftover_agents(deployment.root)
+    docker_url = deployment.roles["worker-1"].env.get("DOCKER_HOST")
+    installation = checker.installation(deployment.database_url)
+    if docker_url and installation:
+        found += checker.containers_of(docker_url, installation)
+    return found
+
+
+def check(report: Report, deployment: Deployment, load: LoadResult) -> None:
+    app = open_store(deployment.database_url)
+    try:
+        facts = checker.read_store(app)
+        checker.check_store(report, facts, load, LEASE_S)
+        position = checker.projector_position(deployment.database_url)
+        report.projection_mismatches = (
+            checker.projection_mismatches(app, deployment.database_url)
+            if position >= facts.last_position
+            else facts.events  # never caught up: count every event as not applied
+        )
+    finally:
+        app.close()
+    nats_url = deployment.nats.url
+    with contextlib.suppress(AssertionError):  # if not, stream_missing says how far behind
+        wait_until(lambda: checker.stream_messages(nats_url) >= facts.events, 30, interval=0.5)
+    checker.check_stream(report, facts, deployment.nats.url)
+    report.leaked_workspaces = len(checker.leftover_workspaces(deployment.workspace_dirs()))
+    report.leaked_agents = len(checker.leftover_agents(deployment.root))
+    docker_url = deployment.roles["worker-1"].env.get("DOCKER_HOST")
+    installation = checker.installation(deployment.database_url)
+    if docker_url and installation:
+        report.leaked_containers = len(checker.containers_of(docker_url, installation))
+    checker.finish(report)
+
+
+def write(report: Report) -> None:
+    RESULTS_DIR.mkdir(exist_ok=True)
+    path = RESULTS_DIR / f"{report.scenario}.json"
+    path.write_text(json.dumps(report.as_json(), indent=2, sort_keys=True) + "\n")
+
+
+def verdict(report: Report, plan: Plan) -> None:
+    """Fails the test with the numbers when an invariant broke."""
+    problems = report.problems(plan.allowed_unexpected)
+    assert not problems, f"{plan.name}: {problems}\n{json.dumps(report.as_json(), indent=2)}"
