@@ -13,11 +13,11 @@ import anyio
 from prometheus_client import Histogram
 
 from broker.logs import RunLogWriter
+from broker.retry import backoff_s
 from domain.errors import IllegalTransition
 from domain.run import Run
 from domain.status import FailureCode, RequeueCause, RunStatus
 from handlers import log_context
-from handlers.retry import backoff_s
 from handlers.store import decide_on_run_async, load_run
 from handlers.workspaces.base import (
     AgentTimedOut,
