@@ -84,6 +84,7 @@ class Executor:
         self.agents = agents
         self.settings = settings
         self.queue = queue
+        self.discard = discard
         self.breaker = breaker or EngineBreaker(None)
         self.recovery = Recovery(
             app,

@@ -109,6 +109,9 @@ class RunAttempt:
         )
         began = time.monotonic()
         try:
+            if run.attempt > 1 and self._x.discard is not None:
+                # What an earlier attempt left (a container the engine could not remove).
+                await self._x.discard(run.id)
             self._workspace = await self._x.provisioner.provision(spec)
         except WorkspaceError as exc:
             PROVISIONING_SECONDS.labels(self._x.provisioner.name, "failed").observe(
