@@ -35,6 +35,11 @@ class RetryPolicy:
     max_deliver: int = 10  # deliveries before a failing message is dead-lettered
     backoff_base_s: float = 1.0
     backoff_max_s: float = 60.0
+    # Failures of the infrastructure (the store or the broker away): retried with backoff,
+    # never dead-lettered for them, so that an outage does not empty the queues into the
+    # dead letters; only `hung_deliveries` deliveries in all (hours at the backoff's cap) do.
+    transient: tuple[type[BaseException], ...] = ()
+    hung_deliveries: int = 200
 
 
 def durable_config(
@@ -94,8 +99,9 @@ async def consume(
 
 async def handle_one(js: JetStreamContext, msg: Msg, handle: Handler, retry: RetryPolicy) -> None:
     deliveries = msg.metadata.num_delivered
-    if deliveries > retry.max_deliver:
-        # Its handler never answered the earlier deliveries (hung, or its process died).
+    if deliveries > retry.hung_deliveries:
+        # Its handler never got through the earlier deliveries (hung, its process died on
+        # it, or the infrastructure was away all that time).
         await _give_up(js, msg, f"not handled in {deliveries - 1} deliveries")
         return
     try:
@@ -103,7 +109,7 @@ async def handle_one(js: JetStreamContext, msg: Msg, handle: Handler, retry: Ret
     except Undeliverable as exc:
         await _give_up(js, msg, f"undeliverable: {exc}")
     except Exception as exc:
-        if deliveries >= retry.max_deliver:
+        if deliveries >= retry.max_deliver and not isinstance(exc, retry.transient):
             await _give_up(js, msg, f"failed {deliveries} times; last: {type(exc).__name__}: {exc}")
             return
         delay = backoff_s(deliveries, base_s=retry.backoff_base_s, cap_s=retry.backoff_max_s)

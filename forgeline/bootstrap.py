@@ -38,6 +38,7 @@ from handlers.agents.shell import ShellAgent
 from handlers.breaker import EngineBreaker
 from handlers.commands import command_message_handler
 from handlers.execution import Executor, ExecutorSettings
+from handlers.retry_policy import HANDLER_RETRY
 from handlers.scheduling import RunQueue
 from projections.runner import ProjectionRunner
 from projections.schema import SCHEMA_LOCK_KEY
@@ -304,6 +305,7 @@ async def _worker_jobs(
         durable_config(subjects.COMMAND_HANDLER_DURABLE, [subjects.COMMANDS_SUBJECTS]),
         command_message_handler(app),
         stop,
+        retry=HANDLER_RETRY,
     )
     return [commands, executor.run(stop), workspaces.reap_forever(stop)]
 

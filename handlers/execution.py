@@ -36,6 +36,7 @@ from handlers import log_context
 from handlers.agents.base import Agent
 from handlers.breaker import EngineBreaker
 from handlers.recovery import Discard, LostRunPolicy, Recovery
+from handlers.retry_policy import HANDLER_RETRY
 from handlers.run_attempt import RunAttempt
 from handlers.scheduling import RunQueue
 from handlers.store import decide_on_run_async, load_run
@@ -125,7 +126,13 @@ class Executor:
         while not stop.is_set():
             try:
                 await consume(
-                    self.js, subjects.EVENTS_STREAM, config, self._enqueue, stop, batch=20
+                    self.js,
+                    subjects.EVENTS_STREAM,
+                    config,
+                    self._enqueue,
+                    stop,
+                    batch=20,
+                    retry=HANDLER_RETRY,
                 )
             except Exception:
                 log.exception("executor: the trigger consumer failed; restarting in 1 s")
