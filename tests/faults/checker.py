@@ -53,6 +53,7 @@ class Report:
     lost: int = 0
     terminal: dict[str, int] = field(default_factory=dict)  # status -> runs
     failed: dict[str, int] = field(default_factory=dict)  # failure code -> runs
+    failure_messages: dict[str, list[str]] = field(default_factory=dict)  # code -> a few
     # runs that did not end as their agent meant (a fast/slow one not succeeding, a failing
     # one not failing agent_failed): "kind status[/code]" -> runs
     unexpected: dict[str, int] = field(default_factory=dict)
@@ -106,6 +107,7 @@ class _RunFacts:
     events: list[str] = field(default_factory=list)
     attempt: int = 0
     code: str | None = None
+    message: str = ""
     last_at: datetime | None = None
 
 
@@ -151,7 +153,7 @@ def _note_event(facts: StoreFacts, event: Any) -> None:
         elif name == "ProvisioningStarted":
             run.attempt = event.attempt
         elif name == "RunFailed":
-            run.code = event.code
+            run.code, run.message = event.code, event.message
 
 
 def check_store(report: Report, facts: StoreFacts, load: LoadResult, lease_s: float) -> None:
@@ -183,6 +185,9 @@ def check_store(report: Report, facts: StoreFacts, load: LoadResult, lease_s: fl
         terminal[status] += 1
         if status == "failed":
             failed[run.code or "?"] += 1
+            samples = report.failure_messages.setdefault(run.code or "?", [])
+            if run.message not in samples and len(samples) < 5:
+                samples.append(run.message)
         report.recovered += run.attempt > 1
         meant = ("failed", "agent_failed") if accepted.kind == FAILS else ("succeeded", None)
         if (status, run.code) != meant:

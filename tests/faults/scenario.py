@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from typing import Any
 import psycopg
 
 from forgeline.bootstrap import open_store
+from forgeline.cluster import NatsNode
 from tests.faults import checker
 from tests.faults.checker import Report
 from tests.faults.load import Load, LoadResult
@@ -62,7 +64,21 @@ def run(plan: Plan, deployment: Deployment, repo: Path, inject: Inject) -> Repor
         report.stop_codes = deployment.stop()
         report.seconds["total"] = round(time.monotonic() - began, 1)
         write(report)
+        keep_logs(deployment)
     return report
+
+
+def under_way(deployment: Deployment, load: Load) -> None:
+    """Waits for the moment to inject: a third of the load is in and at least two agents run
+    on worker-1 (in its workspaces)."""
+    wait_until(lambda: load.accepted_so_far >= load.n // 3, 60, "a third of the load")
+    worker_dir = deployment.workspace_dirs()[0]
+    wait_until(
+        lambda: len(checker.leftover_agents(worker_dir)) >= 2,
+        60,
+        "two agents running on worker-1",
+        interval=0.05,
+    )
 
 
 def accepted_runs_ended(database_url: str, run_ids: list[str]) -> int:
@@ -140,6 +156,18 @@ def write(report: Report) -> None:
     RESULTS_DIR.mkdir(exist_ok=True)
     path = RESULTS_DIR / f"{report.scenario}.json"
     path.write_text(json.dumps(report.as_json(), indent=2, sort_keys=True) + "\n")
+
+
+def keep_logs(deployment: Deployment) -> None:
+    """The roles' logs of the last run of each scenario, beside its numbers (gitignored)."""
+    target = RESULTS_DIR / "logs" / deployment.name
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(deployment.root / "logs", target)
+    if isinstance(deployment.nats, NatsNode):
+        shutil.copy(deployment.nats.log_path, target / "nats.log")
+    else:
+        for node in deployment.nats.nodes:
+            shutil.copy(node.log_path, target / f"nats-{node.name}.log")
 
 
 def verdict(report: Report, plan: Plan) -> None:

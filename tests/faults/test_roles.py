@@ -8,11 +8,10 @@ from pathlib import Path
 
 from forgeline.cluster import NatsNode
 from forgeline.embedded import EmbeddedPostgres
-from tests.faults import checker, scenario
+from tests.faults import scenario
 from tests.faults.load import Load
-from tests.faults.scenario import Plan
+from tests.faults.scenario import Plan, under_way
 from tests.faults.stack import Deployment, deploy
-from tests.helpers import wait_until
 
 DOWN_S = 3.0  # how long a killed relay or projector stays down (a backlog builds up meanwhile)
 
@@ -21,18 +20,6 @@ def _nats(scratch: Path) -> NatsNode:
     node = NatsNode(scratch / "nats")
     node.start()
     return node
-
-
-def _under_way(deployment: Deployment, load: Load) -> None:
-    """A third of the load is in and agents run (on worker-1, in its workspaces)."""
-    wait_until(lambda: load.accepted_so_far >= load.n // 3, 60, "a third of the load")
-    worker_dir = deployment.workspace_dirs()[0]
-    wait_until(
-        lambda: len(checker.leftover_agents(worker_dir)) >= 2,
-        60,
-        "two agents running on worker-1",
-        interval=0.05,
-    )
 
 
 def _run(plan: Plan, pg: EmbeddedPostgres, repo: Path, scratch: Path, inject: scenario.Inject):
@@ -49,7 +36,7 @@ def test_kill_9_a_worker_mid_run(faults_pg: EmbeddedPostgres, repo: Path, scratc
     plan = Plan("worker_kill", "kill -9 of worker-1 while it runs agents; restarted after 1 s")
 
     def inject(deployment: Deployment, load: Load) -> None:
-        _under_way(deployment, load)
+        under_way(deployment, load)
         deployment.kill("worker-1")
 
     report = _run(plan, faults_pg, repo, scratch, inject)
@@ -61,7 +48,7 @@ def test_kill_9_the_relay(faults_pg: EmbeddedPostgres, repo: Path, scratch: Path
     plan = Plan("relay_kill", f"kill -9 of the relay; down {DOWN_S:.0f} s, then restarted")
 
     def inject(deployment: Deployment, load: Load) -> None:
-        _under_way(deployment, load)
+        under_way(deployment, load)
         with deployment.held_down("relay"):
             deployment.kill("relay")
             time.sleep(DOWN_S)  # the outage itself, not a wait for a condition
@@ -73,7 +60,7 @@ def test_kill_9_the_projector(faults_pg: EmbeddedPostgres, repo: Path, scratch: 
     plan = Plan("projector_kill", f"kill -9 of the projector; down {DOWN_S:.0f} s, then restarted")
 
     def inject(deployment: Deployment, load: Load) -> None:
-        _under_way(deployment, load)
+        under_way(deployment, load)
         with deployment.held_down("projector"):
             deployment.kill("projector")
             time.sleep(DOWN_S)
