@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -24,7 +25,8 @@ from tests.faults.load import Load, LoadResult
 from tests.faults.stack import LEASE_S, Deployment
 from tests.helpers import wait_until
 
-RESULTS_DIR = Path(__file__).parent / "results"
+# FAULTS_RESULTS_DIR moves them (e.g. for a run whose numbers go into docs/reliability.md).
+RESULTS_DIR = Path(os.environ.get("FAULTS_RESULTS_DIR") or Path(__file__).parent / "results")
 TERMINAL_TOPICS = r"Run\.Run(Succeeded|Failed|Cancelled)$"
 
 Inject = Callable[[Deployment, Load], None]
@@ -34,7 +36,7 @@ Inject = Callable[[Deployment, Load], None]
 class Plan:
     name: str
     injected: str  # what was done, for the report
-    requests: int = 200
+    requests: int = 120
     rate: float = 20.0  # submitted per second
     settle_timeout: float = 150.0  # for every accepted run to end, once the load is in
     allowed_unexpected: Sequence[str] = ()  # outcomes the fault may cause (see Report)
@@ -153,7 +155,7 @@ def check(report: Report, deployment: Deployment, load: LoadResult) -> None:
 
 
 def write(report: Report) -> None:
-    RESULTS_DIR.mkdir(exist_ok=True)
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"{report.scenario}.json"
     path.write_text(json.dumps(report.as_json(), indent=2, sort_keys=True) + "\n")
 

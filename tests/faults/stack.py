@@ -95,8 +95,9 @@ class Role:
     def stop(self, timeout: float = 45.0) -> int | None:
         """SIGTERM, as a service manager stops it; killed if it does not end in time."""
         code = None
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)
             try:
                 code = self.proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
@@ -181,6 +182,9 @@ class Deployment:
         self._stop.set()
         if self._supervisor is not None:
             self._supervisor.join(timeout=10)
+        for role in self.roles.values():  # all at once: each takes a moment to drain
+            if role.alive and role.proc is not None:
+                role.proc.send_signal(signal.SIGTERM)
         return {name: role.stop() for name, role in self.roles.items()}
 
     def wait_all_ready(self) -> None:

@@ -57,7 +57,7 @@ def test_restart_dockerd(
     plan = Plan(
         "dockerd_restart",
         f"dockerd stopped (SIGTERM, its containers with it), down {DOWN_S:.0f} s, started again",
-        requests=40,
+        requests=30,
         rate=4.0,
         # The engine's shutdown stops the containers of the runs under way: their agents die
         # with them, a fault of the workspace the run cannot survive (the executor's policy
