@@ -49,6 +49,7 @@ class Role:
         self.starts = 0
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
+        self._terminated = False
 
     @property
     def log_path(self) -> Path:
@@ -60,6 +61,7 @@ class Role:
 
     def start(self) -> None:
         self.starts += 1
+        self._terminated = False
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
             [forgeline_executable(), self.role],
@@ -96,14 +98,19 @@ class Role:
         """SIGTERM, as a service manager stops it; killed if it does not end in time."""
         code = None
         if self.proc is not None:
-            if self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGTERM)
+            self.terminate()
             try:
                 code = self.proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 self.kill()
         self._close_log()
         return code
+
+    def terminate(self) -> None:
+        """One SIGTERM (a second one may mean "stop now" to the process)."""
+        if self.proc is not None and self.proc.poll() is None and not self._terminated:
+            self._terminated = True
+            self.proc.send_signal(signal.SIGTERM)
 
     def _close_log(self) -> None:
         if self._log is not None:
@@ -183,8 +190,7 @@ class Deployment:
         if self._supervisor is not None:
             self._supervisor.join(timeout=10)
         for role in self.roles.values():  # all at once: each takes a moment to drain
-            if role.alive and role.proc is not None:
-                role.proc.send_signal(signal.SIGTERM)
+            role.terminate()
         return {name: role.stop() for name, role in self.roles.items()}
 
     def wait_all_ready(self) -> None:
