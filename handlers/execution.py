@@ -48,6 +48,9 @@ log = logging.getLogger(__name__)
 # every nats-server, where a list of filters needs 2.10 or newer.
 RUN_EVENTS = subjects.event_subject("Run", "*")
 TRIGGERS = frozenset({"RunQueued", "RunRequeued"})
+# A run that ends while it waits (a cancel of a queued run) leaves the queue at once, so that
+# the positions of the runs behind it are right.
+ENDED_WAITING = frozenset({"RunCancelled", "RunFailed"})
 
 
 @dataclass(frozen=True)
@@ -140,13 +143,17 @@ class Executor:
                     await asyncio.wait_for(stop.wait(), 1.0)
 
     async def _enqueue(self, msg: Msg) -> None:
-        if msg.subject.rsplit(".", 1)[-1] not in TRIGGERS:
+        event_type = msg.subject.rsplit(".", 1)[-1]
+        if event_type not in TRIGGERS | ENDED_WAITING:
             return
         try:
             trigger = json.loads(msg.data)
             run_id = UUID(trigger["aggregateid"])
         except (ValueError, KeyError, TypeError) as exc:
             raise Undeliverable(f"not a run event: {exc}") from exc
+        if event_type in ENDED_WAITING:
+            await self.queue.remove_waiting(run_id)
+            return
         try:
             run = await load_run(self.app, run_id)
             request = await anyio.to_thread.run_sync(self.app.get_request, run.request_id)
@@ -242,7 +249,7 @@ class Executor:
         interval = max(1.0, self.settings.ack_wait_s / 3)
         while not stop.is_set():
             try:
-                if await self.recovery.recover_expired():
+                if await self.recovery.recover_expired(mine=set(self._active)):
                     self._work.set()
             except Exception as exc:
                 log.warning("executor: recovery round failed (%s); retrying", exc)

@@ -15,7 +15,7 @@ to one of them). For each run, by what the store says:
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from typing import Literal
 from uuid import UUID
 
@@ -50,10 +50,14 @@ class Recovery:
         self._policy = policy
         self._discard = discard
 
-    async def recover_expired(self) -> int:
-        """Recovers every run whose lease expired; returns how many it took."""
+    async def recover_expired(self, mine: Collection[UUID] = ()) -> int:
+        """Recovers every run whose lease expired; returns how many it took. Runs in mine
+        are running here: their lease lapsed while the store was away, they are held again."""
         expired = await self._queue.take_expired(f"{self._worker} (recovering)")
         for lost in expired:
+            if lost.holder == self._worker and lost.run_id in mine:
+                await self._queue.hold(lost.run_id, self._worker)
+                continue
             with log_context.bound(run_id=lost.run_id):
                 try:
                     await self._recover(lost.run_id, lost.holder)

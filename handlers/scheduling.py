@@ -177,6 +177,14 @@ class RunQueue:
                 (delay_s, run_id),
             )
 
+    async def remove_waiting(self, run_id: UUID) -> None:
+        """Removes the run's row unless a worker holds it (a queued run that was cancelled)."""
+        async with self._pool.connection() as conn:
+            await conn.execute(
+                sql.SQL("DELETE FROM {q} WHERE run_id = %s AND claimed_by IS NULL").format(q=_Q),
+                (run_id,),
+            )
+
     async def remove(self, run_id: UUID) -> None:
         async with self._pool.connection() as conn:
             await conn.execute(sql.SQL("DELETE FROM {q} WHERE run_id = %s").format(q=_Q), (run_id,))

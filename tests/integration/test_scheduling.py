@@ -4,12 +4,15 @@ global limit holds across worker processes."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from uuid import UUID
 
 import pytest
 
+from broker.commands import publish_command
+from domain.commands import CancelRequest
 from domain.status import RunStatus
 from tests.integration.conftest import eventually
 from tests.integration.worker_stack import (
@@ -117,3 +120,28 @@ async def test_global_limit_holds_across_worker_processes(
             assert (await finished(svc, run_id)).status is RunStatus.SUCCEEDED
     seen = [int(path.read_text()) for path in marks.iterdir()]
     assert len(seen) == 8 and max(seen) <= 2, seen
+
+
+async def test_a_cancelled_queued_run_leaves_the_queue_and_the_next_moves_up(
+    one_slot: Services, database_url: str, git_repo: Path, tmp_path: Path
+) -> None:
+    gate = tmp_path / "gate"
+    await block_the_slot(one_slot, git_repo, gate)
+    first, second = [await submit(one_slot, git_repo, "true") for _ in range(2)]
+
+    async def placed() -> bool:
+        return await positions(one_slot, [first.run_id, second.run_id]) == [1, 2]
+
+    await eventually(placed, message="both runs placed")
+    await publish_command(
+        one_slot.js, CancelRequest(command_id=f"cmd-{uuid.uuid4()}", request_id=first.request_id)
+    )
+
+    async def moved_up() -> bool:
+        return await positions(one_slot, [second.run_id]) == [1]
+
+    await eventually(moved_up, message="the second run to move up")
+    assert (await run_now(one_slot, first.run_id)).status is RunStatus.CANCELLED
+    assert queued_rows(database_url) == 1
+    gate.touch()
+    assert (await finished(one_slot, second.run_id)).status is RunStatus.SUCCEEDED
