@@ -45,9 +45,9 @@ class Plan:
 def run(plan: Plan, deployment: Deployment, repo: Path, inject: Inject) -> Report:
     report = Report(plan.name, plan.injected)
     began = time.monotonic()
-    deployment.start()
-    report.seconds["start"] = round(time.monotonic() - began, 1)
     try:
+        deployment.start()
+        report.seconds["start"] = round(time.monotonic() - began, 1)
         mark = time.monotonic()
         load = Load(deployment.gateway_url, repo, plan.requests, rate=plan.rate, scenario=plan.name)
         load.start()

@@ -27,7 +27,7 @@ from psycopg import sql
 from forgeline.cluster import NatsCluster, NatsNode
 from forgeline.embedded import EmbeddedPostgres
 from tests.e2e.support import clean_env, forgeline_executable
-from tests.helpers import free_port
+from tests.helpers import free_port, wait_until
 
 ADMIN_KEY = "fl_faults_" + secrets.token_urlsafe(32)
 # FORGELINE_RUN_ACK_WAIT_S: how long a dead worker's run waits before another worker recovers
@@ -72,19 +72,13 @@ class Role:
             start_new_session=True,
         )
 
-    def wait_ready(self, timeout: float = 90.0) -> None:
-        """Until the banner is out: every role prints it once it serves."""
-        deadline = time.monotonic() + timeout
-        while READY_LINE not in self.log_path.read_bytes():
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise AssertionError(
-                    f"{self.name} exited with {self.proc.returncode} before it was ready:\n"
-                    f"{self.tail()}"
-                )
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{self.name} not ready within {timeout} s:\n{self.tail()}")
-            time.sleep(0.1)
+    @property
+    def ready(self) -> bool:
+        """Running, and its banner is out (every role prints it once it serves)."""
+        try:
+            return self.alive and READY_LINE in self.log_path.read_bytes()
+        except OSError:
+            return False
 
     def kill(self) -> None:
         """kill -9 of the process (its local agents run in sessions of their own and stay)."""
@@ -149,13 +143,21 @@ class Deployment:
     def workspace_dirs(self) -> list[Path]:
         return [self.root / "data" / w.name / "workspaces" for w in self.workers]
 
-    def start(self) -> None:
+    def start(self, timeout: float = 120.0) -> None:
+        """Starts every role and the supervisor, then waits until each role's current process
+        is ready. One that exits during start-up (e.g. a cluster still electing its leaders
+        answers too slowly) is started again by the supervisor, as systemd would, and counted."""
         for role in self.roles.values():
             role.start()
-        for role in self.roles.values():
-            role.wait_ready()
         self._supervisor = threading.Thread(target=self._supervise, daemon=True)
         self._supervisor.start()
+        deadline = time.monotonic() + timeout
+        for role in self.roles.values():
+            try:
+                wait_until(lambda r=role: r.ready, max(1.0, deadline - time.monotonic()))
+            except AssertionError:
+                tail = role.tail()
+                raise AssertionError(f"{role.name} not ready in {timeout} s:\n{tail}") from None
 
     def _supervise(self) -> None:
         while not self._stop.wait(0.2):
@@ -192,11 +194,6 @@ class Deployment:
         for role in self.roles.values():  # all at once: each takes a moment to drain
             role.terminate()
         return {name: role.stop() for name, role in self.roles.items()}
-
-    def wait_all_ready(self) -> None:
-        for role in self.roles.values():
-            if role.alive:
-                role.wait_ready()
 
     def log_tails(self) -> str:
         return "\n\n".join(f"== {r.name} ==\n{r.tail(25)}" for r in self.roles.values())
