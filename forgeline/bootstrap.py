@@ -39,6 +39,7 @@ from handlers.breaker import EngineBreaker
 from handlers.commands import command_message_handler
 from handlers.execution import Executor, ExecutorSettings
 from handlers.retry_policy import HANDLER_RETRY
+from handlers.scheduling import POOL_OPTIONS as QUEUE_POOL_OPTIONS
 from handlers.scheduling import RunQueue
 from projections.runner import ProjectionRunner
 from projections.schema import SCHEMA_LOCK_KEY
@@ -194,7 +195,7 @@ async def run_services(
                 min_size=1,
                 max_size=4,
                 open=False,
-                kwargs={"autocommit": True},
+                kwargs={"autocommit": True, "options": QUEUE_POOL_OPTIONS},
             )
             await queue_pool.open()
             pools.append(queue_pool)
