@@ -36,7 +36,7 @@ Inject = Callable[[Deployment, Load], None]
 class Plan:
     name: str
     injected: str  # what was done, for the report
-    requests: int = 120
+    requests: int = 100
     rate: float = 20.0  # submitted per second
     settle_timeout: float = 150.0  # for every accepted run to end, once the load is in
     allowed_unexpected: Sequence[str] = ()  # outcomes the fault may cause (see Report)
