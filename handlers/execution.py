@@ -101,6 +101,7 @@ class Executor:
         self._slots = asyncio.Semaphore(settings.slots)
         self._active: dict[UUID, asyncio.Task[None]] = {}
         self._work = asyncio.Event()  # set when a run was queued here: pick now
+        self._settling: set[UUID] = set()  # runs whose attempt ended, being settled
 
     async def run(self, stop: asyncio.Event) -> None:
         """Queues and takes runs until stop is set; then lets active runs finish within the
@@ -184,8 +185,10 @@ class Executor:
             self._active[run_id] = task
             task.add_done_callback(functools.partial(self._attempt_done, run_id))
 
-    def _attempt_done(self, run_id: UUID, _: asyncio.Task[None]) -> None:
-        self._active.pop(run_id, None)
+    def _attempt_done(self, run_id: UUID, task: asyncio.Task[None]) -> None:
+        # The run may be running again here already (released, then picked by another slot).
+        if self._active.get(run_id) is task:
+            del self._active[run_id]
         self._slots.release()
 
     async def _attempt(self, run_id: UUID) -> None:
@@ -203,7 +206,11 @@ class Executor:
                         await attempt.go()
                         retry_after_s = attempt.retry_after_s
             finally:
-                await asyncio.shield(self._settle(run_id, retry_after_s))
+                self._settling.add(run_id)  # its row may go now: not a lost lease
+                try:
+                    await asyncio.shield(self._settle(run_id, retry_after_s))
+                finally:
+                    self._settling.discard(run_id)
 
     def _claim(self, run: Run) -> Run:
         run.start_provisioning(self.settings.worker)
@@ -241,7 +248,7 @@ class Executor:
                 continue
             for run_id in set(active) - held:
                 task = active[run_id]
-                if not task.done() and run_id in self._active:
+                if not task.done() and run_id not in self._settling:
                     log.error("run %s: lease lost to recovery; stopping this attempt", run_id)
                     task.cancel()
 
