@@ -11,7 +11,11 @@ log = logging.getLogger(__name__)
 
 
 async def connect(url: str, *, name: str) -> Client:
-    """A connection that reconnects forever: a restarted nats-server must not end a worker."""
+    """A connection that reconnects forever: a restarted nats-server must not end a worker.
+
+    url may list several servers of a cluster, comma-separated (nats-py itself takes a list,
+    not such a string): the client starts with whichever answers and fails over to the others.
+    """
 
     client: list[Client] = []
 
@@ -27,7 +31,7 @@ async def connect(url: str, *, name: str) -> Client:
         log.warning("NATS error (%s): %s", name, exc)
 
     nc = await nats.connect(
-        url,
+        server_urls(url),
         name=name,
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.5,
@@ -38,3 +42,8 @@ async def connect(url: str, *, name: str) -> Client:
     )
     client.append(nc)
     return nc
+
+
+def server_urls(url: str) -> list[str]:
+    """The servers of a comma-separated FORGELINE_NATS_URL, in order."""
+    return [part.strip() for part in url.split(",") if part.strip()]

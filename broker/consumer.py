@@ -1,7 +1,11 @@
 """Pull consumers with manual acknowledgement: ack after the work is committed, never before.
 
-A handler that raises gets its message back after a delay (nak), up to max_deliver times;
-a message that cannot be decoded is terminated at once, since retrying cannot help it.
+A handler that raises gets its message back after an exponential backoff with jitter (nak
+with a delay), up to `max_deliver` deliveries; a message that fails its last one, or that the
+handler refuses as undeliverable (bad payload: retrying cannot help), goes to the dead-letter
+stream with why (broker/dead_letters.py) and is terminated. The server is told no limit of
+its own (max_deliver -1): a message whose handler never returns (it hangs, or its process
+dies on it) is counted here too, and dead-lettered before it is handled once more.
 """
 
 from __future__ import annotations
@@ -9,11 +13,15 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from broker.dead_letters import dead_letter
+from broker.retry import backoff_s
 
 log = logging.getLogger(__name__)
 
@@ -22,12 +30,23 @@ class Undeliverable(Exception):
     """Raised by a handler for a message no retry can help (bad payload)."""
 
 
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_deliver: int = 10  # deliveries before a failing message is dead-lettered
+    backoff_base_s: float = 1.0
+    backoff_max_s: float = 60.0
+    # Failures of the infrastructure (the store or the broker away): retried with backoff,
+    # never dead-lettered for them, so that an outage does not empty the queues into the
+    # dead letters; only `hung_deliveries` deliveries in all (hours at the backoff's cap) do.
+    transient: tuple[type[BaseException], ...] = ()
+    hung_deliveries: int = 200
+
+
 def durable_config(
     durable: str,
     filter_subjects: list[str],
     *,
     ack_wait_s: float = 30.0,
-    max_deliver: int = 10,
     max_ack_pending: int = 1_000,
 ) -> ConsumerConfig:
     config = ConsumerConfig(
@@ -35,7 +54,7 @@ def durable_config(
         ack_policy=AckPolicy.EXPLICIT,
         deliver_policy=DeliverPolicy.ALL,
         ack_wait=ack_wait_s,
-        max_deliver=max_deliver,
+        max_deliver=-1,  # counted by handle_one, which dead-letters instead of dropping
         max_ack_pending=max_ack_pending,
     )
     if len(filter_subjects) == 1:
@@ -56,9 +75,10 @@ async def consume(
     stop: asyncio.Event,
     *,
     batch: int = 1,
-    retry_delay_s: float = 1.0,
+    retry: RetryPolicy | None = None,
 ) -> None:
     """Fetches and handles messages one at a time, in stream order, until stop is set."""
+    retry = retry or RetryPolicy()
     await js.add_consumer(stream, config)  # creates it, or updates it to the declared config
     sub = await js.pull_subscribe_bind(durable=config.durable_name or "", stream=stream)
     try:
@@ -69,22 +89,48 @@ async def consume(
                 continue
             except Exception:
                 log.exception("fetch from %s failed; retrying", stream)
-                await asyncio.sleep(retry_delay_s)
+                await asyncio.sleep(retry.backoff_base_s)
                 continue
             for msg in msgs:
-                await handle_one(msg, handle, retry_delay_s=retry_delay_s)
+                await handle_one(js, msg, handle, retry)
     finally:
         await sub.unsubscribe()
 
 
-async def handle_one(msg: Msg, handle: Handler, *, retry_delay_s: float) -> None:
+async def handle_one(js: JetStreamContext, msg: Msg, handle: Handler, retry: RetryPolicy) -> None:
+    deliveries = msg.metadata.num_delivered
+    if deliveries > retry.hung_deliveries:
+        # Its handler never got through the earlier deliveries (hung, its process died on
+        # it, or the infrastructure was away all that time).
+        await _give_up(js, msg, f"not handled in {deliveries - 1} deliveries")
+        return
     try:
         await handle(msg)
     except Undeliverable as exc:
-        log.error("terminating undeliverable message on %s: %s", msg.subject, exc)
-        await msg.term()
-    except Exception:
-        log.exception("handler failed on %s; will be redelivered", msg.subject)
-        await msg.nak(delay=retry_delay_s)
+        await _give_up(js, msg, f"undeliverable: {exc}")
+    except Exception as exc:
+        if deliveries >= retry.max_deliver and not isinstance(exc, retry.transient):
+            await _give_up(js, msg, f"failed {deliveries} times; last: {type(exc).__name__}: {exc}")
+            return
+        delay = backoff_s(deliveries, base_s=retry.backoff_base_s, cap_s=retry.backoff_max_s)
+        log.exception(
+            "handler failed on %s (delivery %d); redelivered in %.1f s",
+            msg.subject,
+            deliveries,
+            delay,
+        )
+        await msg.nak(delay=delay)
     else:
         await msg.ack_sync()
+
+
+async def _give_up(js: JetStreamContext, msg: Msg, reason: str) -> None:
+    log.error("dead-lettering a message of %s: %s", msg.subject, reason)
+    try:
+        await dead_letter(js, msg, reason)
+    except Exception:
+        # Not terminated: it comes back and is given up on again then.
+        log.exception("could not dead-letter a message of %s; retrying later", msg.subject)
+        await msg.nak(delay=5.0)
+        return
+    await msg.term()

@@ -24,6 +24,7 @@ class StreamSettings:
     command_dedupe_window_s: float = 3_600.0
     event_dedupe_window_s: float = 3_600.0
     log_max_age_s: float = 14 * DAY
+    dead_letter_max_age_s: float = 30 * DAY
 
 
 def stream_configs(settings: StreamSettings) -> list[StreamConfig]:
@@ -52,6 +53,16 @@ def stream_configs(settings: StreamSettings) -> list[StreamConfig]:
             storage=StorageType.FILE,
             max_age=settings.log_max_age_s,
             duplicate_window=120.0,
+            num_replicas=settings.replicas,
+        ),
+        StreamConfig(
+            # Messages a consumer gave up on, with why (broker/dead_letters.py).
+            name=subjects.DEAD_LETTERS_STREAM,
+            subjects=[subjects.DEAD_LETTERS_SUBJECTS],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            max_age=settings.dead_letter_max_age_s,
+            duplicate_window=3_600.0,
             num_replicas=settings.replicas,
         ),
     ]

@@ -7,10 +7,12 @@ from uuid import UUID
 COMMANDS_STREAM = "FORGELINE_COMMANDS"
 EVENTS_STREAM = "FORGELINE_EVENTS"
 LOGS_STREAM = "FORGELINE_LOGS"
+DEAD_LETTERS_STREAM = "FORGELINE_DEAD_LETTERS"
 
 COMMANDS_SUBJECTS = "forgeline.cmd.>"
 EVENTS_SUBJECTS = "forgeline.evt.>"
 LOGS_SUBJECTS = "forgeline.log.>"
+DEAD_LETTERS_SUBJECTS = "forgeline.dead.>"
 
 # Durable consumer names, explicit so that restarts and other workers share them.
 COMMAND_HANDLER_DURABLE = "command-handler"
@@ -29,3 +31,7 @@ def event_subject(aggregate: str, event_type: str) -> str:
 
 def log_subject(run_id: UUID | str) -> str:
     return f"forgeline.log.{run_id}"
+
+
+def dead_letter_subject(consumer: str) -> str:
+    return f"forgeline.dead.{consumer}"

@@ -13,7 +13,7 @@ from uuid import UUID
 from eventsourcing.domain import Aggregate
 
 from domain.errors import IllegalTransition
-from domain.status import ALLOWED_ACTIONS, FailureCode, RunAction, RunStatus
+from domain.status import ALLOWED_ACTIONS, FailureCode, RequeueCause, RunAction, RunStatus
 
 
 class Run(Aggregate):
@@ -108,11 +108,27 @@ class Run(Aggregate):
             run.finished_at = self.timestamp
 
     class RunRequeued(Aggregate.Event):
-        """The worker holding the run was lost; the run waits for another attempt."""
+        """The attempt was handed back (worker lost, worker stopping, infrastructure down);
+        the run waits for another attempt."""
+
+        # v2 added cause (a RequeueCause); stored v1 events are upcast from their reason.
+        class_version = 2
 
         reason: str
+        cause: str = RequeueCause.WORKER_LOST.value
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            shutdown = state.get("reason") == "worker shutdown"
+            state["cause"] = (RequeueCause.SHUTDOWN if shutdown else RequeueCause.WORKER_LOST).value
 
         def apply(self, run: Run) -> None:
+            # Counted per cause: only lost workers count against FORGELINE_MAX_ATTEMPTS, only
+            # infrastructure failures against FORGELINE_INFRA_RETRIES.
+            if self.cause == RequeueCause.WORKER_LOST:
+                run.lost_count += 1
+            elif self.cause == RequeueCause.INFRASTRUCTURE:
+                run.infra_retries += 1
             # The lost attempt's workspace, patch and start are gone with it.
             run.status = RunStatus.QUEUED
             run.base_commit = None
@@ -150,6 +166,8 @@ class Run(Aggregate):
         self.patch: str | None = None
         self.patch_sha256: str | None = None
         self.cancel_requested = False
+        self.lost_count = 0  # attempts whose worker was lost (RunRequeued cause worker_lost)
+        self.infra_retries = 0  # attempts handed back because the infrastructure failed
 
     @classmethod
     def queue(
@@ -250,13 +268,13 @@ class Run(Aggregate):
             self.RunCancelled, reason=reason, log_lines=log_lines, log_sha256=log_sha256
         )
 
-    def requeue(self, reason: str) -> None:
+    def requeue(self, reason: str, cause: RequeueCause = RequeueCause.WORKER_LOST) -> None:
         """Hands the run back for another attempt; a run with a pending cancel ends instead."""
         self._require(RunAction.REQUEUE)
         if self.cancel_requested:
             self.cancel(f"cancelled by client ({reason} before the cancel took effect)")
             return
-        self.trigger_event(self.RunRequeued, reason=reason)
+        self.trigger_event(self.RunRequeued, reason=reason, cause=cause.value)
 
     def _require(self, action: RunAction) -> None:
         if action not in ALLOWED_ACTIONS[self.status]:

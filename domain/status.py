@@ -68,3 +68,11 @@ class FailureCode(StrEnum):
     PATCH_TOO_LARGE = "patch_too_large"
     WORKER_LOST = "worker_lost"
     INTERNAL = "internal_error"
+
+
+class RequeueCause(StrEnum):
+    """Why an attempt was handed back (RunRequeued.cause)."""
+
+    WORKER_LOST = "worker_lost"  # its worker stopped heartbeating: counts toward max attempts
+    SHUTDOWN = "shutdown"  # its worker stopped cleanly: costs the run nothing
+    INFRASTRUCTURE = "infrastructure"  # the workspace engine failed: retried with backoff

@@ -37,8 +37,12 @@ from gateway import keys as api_keys
 from gateway.app import create_app
 from gateway.deps import GatewayDeps
 from handlers.agents.shell import ShellAgent
+from handlers.breaker import EngineBreaker
 from handlers.commands import command_message_handler
 from handlers.execution import Executor, ExecutorSettings
+from handlers.retry_policy import HANDLER_RETRY
+from handlers.scheduling import POOL_OPTIONS as QUEUE_POOL_OPTIONS
+from handlers.scheduling import RunQueue
 from projections.runner import ProjectionRunner
 from projections.schema import SCHEMA_LOCK_KEY
 from projections.views import Views
@@ -169,6 +173,7 @@ async def run_services(
         raise
     js = nc.jetstream()
     pool: AsyncConnectionPool[Any] | None = None
+    pools: list[AsyncConnectionPool[Any]] = []
     workspaces: Workspaces | None = None
     try:
         await ensure_streams(js, StreamSettings(replicas=settings.stream_replicas))
@@ -187,7 +192,16 @@ async def run_services(
         if "relay" in roles:
             jobs.append(Relay(app, js).run(stop))
         if workspaces is not None:
-            jobs += await _worker_jobs(settings, app, js, stop, workspaces)
+            queue_pool = AsyncConnectionPool(
+                servers.database_url,
+                min_size=1,
+                max_size=4,
+                open=False,
+                kwargs={"autocommit": True, "options": QUEUE_POOL_OPTIONS},
+            )
+            await queue_pool.open()
+            pools.append(queue_pool)
+            jobs += await _worker_jobs(settings, app, js, stop, workspaces, queue_pool)
         if "gateway" in roles:
             pool = AsyncConnectionPool(servers.database_url, min_size=1, max_size=10, open=False)
             await pool.open()
@@ -218,6 +232,8 @@ async def run_services(
             await workspaces.close()
         if pool is not None:
             await pool.close()
+        for other in pools:
+            await other.close()
         with contextlib.suppress(Exception):
             await nc.drain()
         await anyio.to_thread.run_sync(app.close)
@@ -258,11 +274,14 @@ async def _worker_jobs(
     js: Any,
     stop: asyncio.Event,
     workspaces: Workspaces,
+    queue_pool: AsyncConnectionPool[Any],
 ) -> list[Coroutine[Any, Any, None]]:
+    provisioner = workspaces.provisioner
+    probe = getattr(provisioner, "ping", None)  # engines that can be down: Docker
     executor = Executor(
         app,
         js,
-        workspaces.provisioner,
+        provisioner,
         {"shell": ShellAgent()},
         ExecutorSettings(
             worker=settings.worker_name,
@@ -271,7 +290,22 @@ async def _worker_jobs(
             patch_max_bytes=settings.patch_max_bytes,
             shutdown_grace_s=settings.shutdown_grace_s,
             ack_wait_s=settings.run_ack_wait_s,
+            lost_run_policy=settings.lost_run_policy,
+            infra_retries=settings.infra_retries,
+            infra_backoff_s=settings.infra_backoff_s,
         ),
+        queue=RunQueue(
+            queue_pool,
+            lease_s=settings.run_ack_wait_s,
+            global_slots=settings.global_slots,
+            fairness_label=settings.fairness_label,
+        ),
+        breaker=EngineBreaker(
+            probe,
+            threshold=settings.engine_breaker_threshold,
+            probe_interval_s=settings.engine_probe_interval_s,
+        ),
+        discard=getattr(provisioner, "discard", None),
     )
     commands = consume(
         js,
@@ -279,6 +313,7 @@ async def _worker_jobs(
         durable_config(subjects.COMMAND_HANDLER_DURABLE, [subjects.COMMANDS_SUBJECTS]),
         command_message_handler(app, js),  # js: records each run's trace when tracing is on
         stop,
+        retry=HANDLER_RETRY,
     )
     return [commands, executor.run(stop), workspaces.reap_forever(stop)]
 

@@ -49,6 +49,19 @@ class Settings(BaseSettings):
     workspace_pids: int = Field(default=512, ge=16)
     workspace_network: bool = False
     max_attempts: int = Field(default=3, ge=1, le=20)
+    # Scheduling (docs/architecture.md, "Scheduling"): runs started at once across every
+    # worker (0: no limit beyond each worker's slots), and the label whose values share
+    # the workers round robin within a priority ("": first come, first served).
+    global_slots: int = Field(default=0, ge=0, le=100_000)
+    fairness_label: str = Field(default="project", max_length=63)
+    # A run whose worker died: "retry" (requeue, up to max_attempts) or "fail" (worker_lost).
+    lost_run_policy: Literal["retry", "fail"] = "retry"
+    # Runs handed back because the workspace engine failed: how many times, first wait.
+    infra_retries: int = Field(default=5, ge=0, le=100)
+    infra_backoff_s: float = Field(default=2.0, ge=0.0, le=3600.0)
+    # Engine failures in a row that pause provisioning, and how often it is probed then.
+    engine_breaker_threshold: int = Field(default=3, ge=1, le=1000)
+    engine_probe_interval_s: float = Field(default=5.0, ge=0.1, le=600.0)
     patch_max_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     shutdown_grace_s: float = Field(default=30.0, ge=0)
     # A run whose worker stops heartbeating for this long is recovered by another worker.

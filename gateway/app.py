@@ -29,6 +29,11 @@ ROUTES = [
     Route("/v1/runs/{id}/patch", VIEWER(reads.get_patch), methods=["GET"]),
     Route("/v1/runs/{id}/logs", VIEWER(logs.stream_logs), methods=["GET"]),
     Route("/v1/whoami", VIEWER(key_routes.whoami), methods=["GET"]),
+    Route(
+        "/v1/dead-letters",
+        requires(Role.OPERATOR, unscoped=True)(reads.list_dead_letters),
+        methods=["GET"],
+    ),
     Route("/v1/keys", ADMIN(key_routes.list_keys), methods=["GET"]),
     Route("/v1/keys", ADMIN(key_routes.create_key), methods=["POST"]),
     Route("/v1/keys/{id}/revoke", ADMIN(key_routes.revoke_key), methods=["POST"]),

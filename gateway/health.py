@@ -16,7 +16,7 @@ from psycopg_pool import PoolTimeout
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from broker import subjects
+from broker import dead_letters, subjects
 from domain.application import EVENTS_TABLE
 from gateway._http import deps
 from gateway.deps import GatewayDeps
@@ -84,12 +84,7 @@ async def metrics(request: Request) -> Response:
         log.warning("metrics: the store does not answer: %s", type(exc).__name__)
         raise ApiError(503, "store_unavailable", "the store does not answer; retry later") from None
     await _relay_metrics(d, out, store_position)
-    out.family(
-        "forgeline_dead_letters",
-        "gauge",
-        "Messages given up on (dead letters). Nothing records them yet: always 0.",
-    )
-    out.sample("forgeline_dead_letters", 0)
+    await _dead_letter_metrics(d, out)
     text = "\n".join(out.lines) + "\n"
     # This process's own metrics: provisioning time (when a worker runs in it), process_*.
     text += generate_latest(REGISTRY).decode()
@@ -227,3 +222,17 @@ async def _relay_metrics(d: GatewayDeps, out: _Text, store_position: int) -> Non
         "Store positions not yet published to FORGELINE_EVENTS (positions can have gaps).",
     )
     out.sample("forgeline_relay_lag", max(0, store_position - position))
+
+
+async def _dead_letter_metrics(d: GatewayDeps, out: _Text) -> None:
+    try:
+        kept = await asyncio.wait_for(dead_letters.count(d.js), 2)
+    except (NatsError, TimeoutError) as exc:
+        log.warning("metrics: no dead letter count: %s", type(exc).__name__)
+        return
+    out.family(
+        "forgeline_dead_letters",
+        "gauge",
+        "Messages given up on, kept in FORGELINE_DEAD_LETTERS (GET /v1/dead-letters).",
+    )
+    out.sample("forgeline_dead_letters", kept)

@@ -114,6 +114,11 @@ class RunView(_Shape):
     finished_at: datetime | None
     patch: PatchStats | None
     usage: Usage | None
+    queue_position: int | None = Field(
+        default=None,
+        description="queued runs: 1 = the next to start (priority, then round robin by the"
+        " project label, then queue order); null otherwise. Only in GET /v1/runs/{id}",
+    )
 
 
 class RequestView(_Shape):
@@ -148,6 +153,24 @@ class StoredEvent(_Shape):
 
 class EventList(_Shape):
     events: list[StoredEvent]
+
+
+class DeadLetter(_Shape):
+    id: int = Field(description="its sequence in FORGELINE_DEAD_LETTERS")
+    reason: str = Field(description="why the consumer gave up on it")
+    stream: str | None
+    consumer: str | None
+    subject: str | None
+    sequence: int | None = Field(description="its sequence in the stream it came from")
+    deliveries: int | None = Field(description="how many times it was delivered")
+    dead_lettered_at: datetime | None
+    payload: str = Field(description="the message as text, at most 4096 characters")
+    payload_truncated: bool
+
+
+class DeadLetterList(_Shape):
+    items: list[DeadLetter] = Field(description="newest first")
+    total: int = Field(description="dead letters kept (30 days)")
 
 
 class ApiKeyView(_Shape):
@@ -188,6 +211,7 @@ _MODELS: list[type[BaseModel]] = [
     RequestView,
     RequestList,
     EventList,
+    DeadLetterList,
     ApiKeyView,
     ApiKeyCreated,
     ApiKeyList,
@@ -390,6 +414,22 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
     ("GET", "/readyz"): _op(
         "Readiness (no key): NATS and Postgres reachable",
         {"200": _json(Readiness, "ready"), "503": _json(Readiness, "not ready")},
+    ),
+    ("GET", "/v1/dead-letters"): _op(
+        "Messages given up on (dead letters), newest first; an operator key not limited to"
+        " projects",
+        {
+            "200": _json(DeadLetterList, "the newest dead letters"),
+            "400": _error("a query parameter is invalid"),
+        },
+        params=[
+            {
+                "name": "limit",
+                "in": "query",
+                "required": False,
+                "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 20},
+            }
+        ],
     ),
     ("GET", "/metrics"): _op(
         "Prometheus metrics (docs/observability.md); a key not limited to projects",

@@ -5,6 +5,7 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from broker import dead_letters
 from domain.status import REQUEST_STATUSES
 from gateway import scope
 from gateway._http import deps, path_id
@@ -14,6 +15,7 @@ from projections.audit import request_history
 from projections.views import InvalidCursor
 
 MAX_PAGE = 200
+MAX_DEAD_LETTERS = 100
 
 
 async def get_request(request: Request) -> JSONResponse:
@@ -76,3 +78,16 @@ async def get_request_events(request: Request) -> JSONResponse:
     if history is None or not scope.may_see_history(request, history):
         raise not_found("request", str(request_id))
     return JSONResponse({"events": history})
+
+
+async def list_dead_letters(request: Request) -> JSONResponse:
+    """Messages the consumers gave up on, newest first, with why (operators, all projects)."""
+    raw_limit = request.query_params.get("limit", "20")
+    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_DEAD_LETTERS:
+        raise ApiError(
+            400, "invalid_query", f"limit must be a whole number from 1 to {MAX_DEAD_LETTERS}"
+        )
+    d = deps(request)
+    total = await dead_letters.count(d.js)
+    items = await dead_letters.recent(d.js, int(raw_limit))
+    return JSONResponse({"items": items, "total": total})

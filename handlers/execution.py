@@ -1,35 +1,44 @@
-"""The executor: reacts to RunQueued/RunRequeued, provisions a workspace, runs the agent,
+"""The executor: queues runs as their RunQueued/RunRequeued events arrive, takes them from the
+run queue in priority order while slots are free, provisions a workspace, runs the agent,
 records the patch and the outcome.
 
-Each worker takes at most `slots` runs at once. The trigger message stays unacknowledged
-(with heartbeats) while its run is active, so a worker that dies gives the message back to the
-stream. The worker that gets it next sees that the run was claimed right after that very
-trigger, so its holder is gone: it requeues the run (a new attempt) or fails it `worker_lost`.
+Triggers only feed the queue (handlers/scheduling.py): their message is acknowledged once the
+run has its row, so priorities, fairness and the global limit are decided in Postgres, not by
+the order of the stream. A started run is held by a lease its worker renews every lease / 3;
+a worker that dies stops renewing, and any worker recovers the run (handlers/recovery.py).
+On stop, running agents get FORGELINE_SHUTDOWN_GRACE_S to finish; those still running then
+are stopped and handed back (RunRequeued, cause shutdown: it costs the run no attempt).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from uuid import UUID
 
+import anyio
+from eventsourcing.application import AggregateNotFoundError
 from nats.aio.msg import Msg
-from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 
 from broker import subjects
-from broker.consumer import durable_config
+from broker.consumer import Undeliverable, consume, durable_config
 from domain.application import Forgeline
 from domain.errors import IllegalTransition
 from domain.run import Run
-from domain.status import FailureCode, RunStatus
+from domain.status import RunStatus
 from handlers import log_context, tracing
 from handlers.agents.base import Agent
+from handlers.breaker import EngineBreaker
+from handlers.recovery import Discard, LostRunPolicy, Recovery
+from handlers.retry_policy import HANDLER_RETRY
 from handlers.run_attempt import RunAttempt
+from handlers.scheduling import RunQueue
 from handlers.store import decide_on_run_async, load_run
 from handlers.workspaces.base import Provisioner
 
@@ -39,6 +48,9 @@ log = logging.getLogger(__name__)
 # every nats-server, where a list of filters needs 2.10 or newer.
 RUN_EVENTS = subjects.event_subject("Run", "*")
 TRIGGERS = frozenset({"RunQueued", "RunRequeued"})
+# A run that ends while it waits (a cancel of a queued run) leaves the queue at once, so that
+# the positions of the runs behind it are right.
+ENDED_WAITING = frozenset({"RunCancelled", "RunFailed"})
 
 
 @dataclass(frozen=True)
@@ -47,10 +59,14 @@ class ExecutorSettings:
     slots: int = 4
     max_attempts: int = 3
     patch_max_bytes: int = 4 * 1024 * 1024
-    ack_wait_s: float = 30.0
+    ack_wait_s: float = 30.0  # the lease: a run whose worker is silent this long is recovered
     cancel_poll_s: float = 0.5
     shutdown_grace_s: float = 30.0
-    provision_retries: int = 4
+    lost_run_policy: LostRunPolicy = "retry"
+    infra_retries: int = 5  # attempts handed back because the engine failed, then it fails
+    infra_backoff_s: float = 2.0
+    infra_backoff_max_s: float = 60.0
+    poll_s: float = 0.5  # how often an idle worker looks at the queue (others' runs)
 
 
 class Executor:
@@ -61,124 +77,216 @@ class Executor:
         provisioner: Provisioner,
         agents: Mapping[str, Agent],
         settings: ExecutorSettings,
+        *,
+        queue: RunQueue,
+        breaker: EngineBreaker | None = None,
+        discard: Discard | None = None,
     ) -> None:
         self.app = app
         self.js = js
         self.provisioner = provisioner
         self.agents = agents
         self.settings = settings
+        self.queue = queue
+        self.discard = discard
+        self.breaker = breaker or EngineBreaker(None)
+        self.recovery = Recovery(
+            app,
+            queue,
+            worker=settings.worker,
+            max_attempts=settings.max_attempts,
+            policy=settings.lost_run_policy,
+            discard=discard,
+        )
         self._slots = asyncio.Semaphore(settings.slots)
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._active: dict[UUID, asyncio.Task[None]] = {}
+        self._work = asyncio.Event()  # set when a run was queued here: pick now
+        self._settling: set[UUID] = set()  # runs whose attempt ended, being settled
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Takes runs while slots are free, until stop is set; then hands active runs back."""
-        config = durable_config(
-            subjects.EXECUTOR_DURABLE,
-            [RUN_EVENTS],
-            ack_wait_s=self.settings.ack_wait_s,
-            max_deliver=-1,
-        )
-        await self.js.add_consumer(subjects.EVENTS_STREAM, config)
-        sub = await self.js.pull_subscribe_bind(
-            durable=subjects.EXECUTOR_DURABLE, stream=subjects.EVENTS_STREAM
-        )
+        """Queues and takes runs until stop is set; then lets active runs finish within the
+        grace period and hands the others back."""
+        await self.queue.create()
+        done = asyncio.Event()  # heartbeats go on until every active run is settled
+        helpers = [
+            asyncio.create_task(self._consume_triggers(stop)),
+            asyncio.create_task(self._renew_leases(done)),
+            asyncio.create_task(self._recover_forever(stop)),
+            asyncio.create_task(self.breaker.probe_while_open(stop)),
+        ]
         try:
-            while not stop.is_set():
-                await self._slots.acquire()
-                msg = await self._fetch_one(sub)
-                if msg is None:
-                    self._slots.release()
-                    continue
-                task = asyncio.create_task(self._handle_message(msg))
-                self._tasks.add(task)
-                task.add_done_callback(self._task_done)
+            await self._schedule(stop)
         finally:
-            await self._hand_back_active_runs()
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+            await self._stop_active_runs()
+            done.set()
+            for helper in helpers:
+                helper.cancel()
+            await asyncio.gather(*helpers, return_exceptions=True)
 
-    async def _fetch_one(self, sub: JetStreamContext.PullSubscription) -> Msg | None:
+    # -- queueing ---------------------------------------------------------------------------
+
+    async def _consume_triggers(self, stop: asyncio.Event) -> None:
+        config = durable_config(subjects.EXECUTOR_DURABLE, [RUN_EVENTS], ack_wait_s=30.0)
+        while not stop.is_set():
+            try:
+                await consume(
+                    self.js,
+                    subjects.EVENTS_STREAM,
+                    config,
+                    self._enqueue,
+                    stop,
+                    batch=20,
+                    retry=HANDLER_RETRY,
+                )
+            except Exception:
+                log.exception("executor: the trigger consumer failed; restarting in 1 s")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 1.0)
+
+    async def _enqueue(self, msg: Msg) -> None:
+        event_type = msg.subject.rsplit(".", 1)[-1]
+        if event_type not in TRIGGERS | ENDED_WAITING:
+            return
         try:
-            msgs = await sub.fetch(1, timeout=1.0)
-        except (TimeoutError, NatsTimeoutError):
-            return None
-        except Exception:
-            log.exception("executor: fetch failed; retrying in 1 s")
-            await asyncio.sleep(1.0)
-            return None
-        return msgs[0]
+            trigger = json.loads(msg.data)
+            run_id = UUID(trigger["aggregateid"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise Undeliverable(f"not a run event: {exc}") from exc
+        if event_type in ENDED_WAITING:
+            await self.queue.remove_waiting(run_id)
+            return
+        try:
+            run = await load_run(self.app, run_id)
+            request = await anyio.to_thread.run_sync(self.app.get_request, run.request_id)
+        except AggregateNotFoundError as exc:
+            raise Undeliverable(f"run {run_id} is not in this store") from exc
+        if run.is_terminal:
+            return  # a late copy of a trigger: nothing to run
+        if await self.queue.enqueue(run_id, request.priority, request.labels):
+            self._work.set()
 
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
+    # -- taking runs ------------------------------------------------------------------------
+
+    async def _schedule(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await self._slots.acquire()
+            run_id = None
+            try:
+                if not self.breaker.is_open and not stop.is_set():
+                    self._work.clear()
+                    run_id = await self.queue.pick(self.settings.worker)
+            except Exception as exc:
+                log.warning("executor: could not read the run queue (%s); retrying", exc)
+            if run_id is None:
+                self._slots.release()
+                await _first_of(stop, self._work, self.settings.poll_s)
+                continue
+            task = asyncio.create_task(self._attempt(run_id))
+            self._active[run_id] = task
+            task.add_done_callback(functools.partial(self._attempt_done, run_id))
+
+    def _attempt_done(self, run_id: UUID, task: asyncio.Task[None]) -> None:
+        # The run may be running again here already (released, then picked by another slot).
+        if self._active.get(run_id) is task:
+            del self._active[run_id]
         self._slots.release()
 
-    async def _hand_back_active_runs(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=self.settings.shutdown_grace_s)
-
-    async def _handle_message(self, msg: Msg) -> None:
-        trigger = json.loads(msg.data)
-        if trigger.get("aggregate") != "Run" or msg.subject.rsplit(".", 1)[-1] not in TRIGGERS:
-            await msg.ack_sync()
-            return
-        run_id, version = UUID(trigger["aggregateid"]), int(trigger["version"])
-        heartbeat = asyncio.create_task(self._heartbeat(msg))
-        try:
-            await self.execute(run_id, version, redelivered=msg.metadata.num_delivered > 1)
-        except asyncio.CancelledError:
-            # Stopping: the attempt recorded RunRequeued (or left the run for recovery).
-            with contextlib.suppress(Exception):
-                await asyncio.shield(msg.ack_sync())
-            raise
-        except Exception:
-            log.exception("executor: run %s could not be processed; redelivering", run_id)
-            await msg.nak(delay=2.0)
-        else:
-            await msg.ack_sync()
-        finally:
-            heartbeat.cancel()
-
-    async def _heartbeat(self, msg: Msg) -> None:
-        while True:
-            await asyncio.sleep(self.settings.ack_wait_s / 3)
-            with contextlib.suppress(Exception):
-                await msg.in_progress()
-
-    async def execute(self, run_id: UUID, trigger_version: int, *, redelivered: bool) -> None:
-        """Claims and runs one attempt of the run the trigger event names."""
+    async def _attempt(self, run_id: UUID) -> None:
         with log_context.bound(run_id=run_id):
             async with tracing.executing(self.js, run_id):
-                await self._execute(run_id, trigger_version, redelivered=redelivered)
-
-    async def _execute(self, run_id: UUID, trigger_version: int, *, redelivered: bool) -> None:
-        run = await load_run(self.app, run_id)
-        if run.is_terminal:
-            return
-        if run.status is not RunStatus.QUEUED:
-            if redelivered and run.claimed_at_version == trigger_version + 1:
-                await self._recover_lost(run_id)  # claimed through this trigger; holder gone
-            return  # else another worker holds it through a later trigger
-        try:
-            with tracing.step("claim"):
-                run = await decide_on_run_async(self.app, run_id, self._claim)
-        except IllegalTransition:
-            return  # another worker claimed it first
-        await RunAttempt(self, run).go()
+                retry_after_s = 0.0
+                try:
+                    run = await load_run(self.app, run_id)
+                    if run.status is RunStatus.QUEUED:
+                        try:
+                            with tracing.step("claim"):
+                                run = await decide_on_run_async(self.app, run_id, self._claim)
+                        except IllegalTransition:
+                            pass  # cancelled meanwhile: settled below
+                        else:
+                            attempt = RunAttempt(self, run)
+                            await attempt.go()
+                            retry_after_s = attempt.retry_after_s
+                finally:
+                    self._settling.add(run_id)  # its row may go now: not a lost lease
+                    try:
+                        await asyncio.shield(self._settle(run_id, retry_after_s))
+                    finally:
+                        self._settling.discard(run_id)
 
     def _claim(self, run: Run) -> Run:
         run.start_provisioning(self.settings.worker)
         return run
 
-    async def _recover_lost(self, run_id: UUID) -> None:
-        def decide(run: Run) -> None:
-            if run.status is RunStatus.QUEUED or run.is_terminal:
-                return
-            if run.attempt < self.settings.max_attempts:
-                run.requeue("worker_lost")
-            else:
-                run.fail(FailureCode.WORKER_LOST, f"worker lost {run.attempt} times; giving up")
+    async def _settle(self, run_id: UUID, retry_after_s: float) -> None:
+        """After an attempt: an ended run leaves the queue, a handed-back one goes back in
+        its place; a run still active belongs to another attempt and keeps its lease."""
+        try:
+            run = await load_run(self.app, run_id)
+            if run.is_terminal:
+                await self.queue.remove(run_id)
+            elif run.status is RunStatus.QUEUED:
+                await self.queue.release(run_id, delay_s=retry_after_s)
+                self._work.set()
+            elif run.worker != self.settings.worker:
+                await self.queue.hold(run_id, run.worker or "unknown")
+        except Exception:
+            # The lease runs out (nobody renews it now) and recovery settles the run.
+            log.exception("executor: run %s could not be settled in the queue", run_id)
 
-        log.warning("executor: run %s lost its worker; recovering", run_id)
-        await decide_on_run_async(self.app, run_id, decide)
+    # -- leases and recovery ----------------------------------------------------------------
+
+    async def _renew_leases(self, done: asyncio.Event) -> None:
+        while not done.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), self.settings.ack_wait_s / 3)
+            active = dict(self._active)
+            if not active:
+                continue
+            try:
+                held = await self.queue.renew(self.settings.worker, list(active))
+            except Exception as exc:
+                log.warning("executor: could not renew leases (%s); retrying", exc)
+                continue
+            for run_id in set(active) - held:
+                task = active[run_id]
+                if not task.done() and run_id not in self._settling:
+                    log.error("run %s: lease lost to recovery; stopping this attempt", run_id)
+                    task.cancel()
+
+    async def _recover_forever(self, stop: asyncio.Event) -> None:
+        interval = max(1.0, self.settings.ack_wait_s / 3)
+        while not stop.is_set():
+            try:
+                if await self.recovery.recover_expired(mine=set(self._active)):
+                    self._work.set()
+            except Exception as exc:
+                log.warning("executor: recovery round failed (%s); retrying", exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval)
+
+    # -- stopping ---------------------------------------------------------------------------
+
+    async def _stop_active_runs(self) -> None:
+        tasks = list(self._active.values())
+        if not tasks:
+            return
+        grace = self.settings.shutdown_grace_s
+        log.warning("stopping: waiting up to %g s for %d running run(s)", grace, len(tasks))
+        _, pending = await asyncio.wait(tasks, timeout=grace)
+        if not pending:
+            return
+        log.warning("stopping: handing %d run(s) back after the grace period", len(pending))
+        for task in pending:
+            task.cancel()
+        await asyncio.wait(pending, timeout=30.0)
+
+
+async def _first_of(stop: asyncio.Event, work: asyncio.Event, timeout_s: float) -> None:
+    """Waits until stop or work is set, or timeout_s passes."""
+    waiters = [asyncio.create_task(stop.wait()), asyncio.create_task(work.wait())]
+    try:
+        await asyncio.wait(waiters, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()

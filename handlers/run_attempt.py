@@ -5,18 +5,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import anyio
 from prometheus_client import Gauge, Histogram
 
 from broker.logs import RunLogWriter
+from broker.retry import backoff_s
 from domain.errors import IllegalTransition
 from domain.run import Run
-from domain.status import FailureCode
+from domain.status import FailureCode, RequeueCause, RunStatus
 from handlers import log_context, tracing
 from handlers.store import decide_on_run_async, load_run
 from handlers.workspaces.base import (
@@ -53,6 +53,8 @@ class RunAttempt:
         self._run = run
         self._log = RunLogWriter(executor.js, run.id, attempt=run.attempt)
         self._workspace: Workspace | None = None
+        self._attempt = run.attempt  # the fencing token: records only while it is current
+        self.retry_after_s = 0.0  # when this attempt handed the run back: wait before the next
 
     async def go(self) -> None:
         with (
@@ -65,6 +67,9 @@ class RunAttempt:
     async def _go(self) -> None:
         try:
             await self._provision_and_run()
+        except WorkspaceUnavailable as exc:
+            # The engine went away mid-run: an infrastructure failure, retried elsewhere.
+            await self._quietly(self._hand_back_to_infrastructure(exc))
         except (WorkspaceError, OSError) as exc:
             # The workspace broke mid-run (e.g. the engine went away): fail, never loop.
             log.warning("run %s: workspace failed: %s", self._run.id, exc)
@@ -79,8 +84,10 @@ class RunAttempt:
             await self._fail_quietly(FailureCode.INTERNAL, f"{type(exc).__name__}: {exc}")
         except asyncio.CancelledError:
             # The worker is stopping: hand the run back so another attempt picks it up.
-            with contextlib.suppress(IllegalTransition):
-                await asyncio.shield(self._record(lambda r: r.requeue("worker shutdown")))
+            with contextlib.suppress(Exception):
+                await asyncio.shield(
+                    self._record(lambda r: r.requeue("worker shutdown", RequeueCause.SHUTDOWN))
+                )
             raise
         finally:
             with contextlib.suppress(Exception):
@@ -109,20 +116,26 @@ class RunAttempt:
         )
         began = time.monotonic()
         try:
-            self._workspace = await self._provision(spec)
+            if run.attempt > 1 and self._x.discard is not None:
+                # What an earlier attempt left (a container the engine could not remove).
+                await self._x.discard(run.id)
+            with tracing.step("provision"):
+                self._workspace = await self._x.provisioner.provision(spec)
         except WorkspaceError as exc:
             PROVISIONING_SECONDS.labels(self._x.provisioner.name, "failed").observe(
                 time.monotonic() - began
             )
+            if isinstance(exc, WorkspaceUnavailable):
+                await self._hand_back_to_infrastructure(exc)
+                return
             code = (
-                FailureCode.WORKSPACE_UNAVAILABLE
-                if isinstance(exc, WorkspaceUnavailable)
-                else FailureCode.REPO_UNREACHABLE
+                FailureCode.REPO_UNREACHABLE
                 if isinstance(exc, RepoUnreachable)
                 else FailureCode.WORKSPACE_FAILED
             )
             await self._fail(code, str(exc))
             return
+        self._x.breaker.record_success()
         took = time.monotonic() - began
         PROVISIONING_SECONDS.labels(self._x.provisioner.name, "ok").observe(took)
         log.info("run %s: workspace provisioned in %.2f s", run.id, took)
@@ -139,20 +152,25 @@ class RunAttempt:
             return  # cancelled while provisioning: RunCancelled is recorded already
         await self._run_agent(workspace, dict(request.agent_options))
 
-    @tracing.traced("provision")
-    async def _provision(self, spec: WorkspaceSpec) -> Workspace:
-        """Retries an engine that does not answer, with exponential backoff and jitter."""
-        retries = self._x.settings.provision_retries
-        for attempt in range(retries + 1):
-            try:
-                return await self._x.provisioner.provision(spec)
-            except WorkspaceUnavailable as exc:
-                if attempt == retries:
-                    raise WorkspaceUnavailable(f"{exc} (tried {retries + 1} times)") from exc
-                delay = min(30.0, 2.0**attempt) * (0.5 + random.random())
-                await self._system(f"{exc}; retrying in {delay:.1f} s")
-                await asyncio.sleep(delay)
-        raise AssertionError("unreachable")
+    async def _hand_back_to_infrastructure(self, exc: WorkspaceUnavailable) -> None:
+        """The engine did not answer: the run goes back to the queue with a backoff (and the
+        breaker counts the failure), until FORGELINE_INFRA_RETRIES hand-backs; then it fails."""
+        self._x.breaker.record_failure(str(exc))
+        settings = self._x.settings
+        retries = self._run.infra_retries
+        if retries >= settings.infra_retries:
+            await self._fail(
+                FailureCode.WORKSPACE_UNAVAILABLE,
+                f"{exc} (gave up after {retries + 1} attempts)",
+            )
+            return
+        delay = backoff_s(
+            retries + 1, base_s=settings.infra_backoff_s, cap_s=settings.infra_backoff_max_s
+        )
+        await self._system(f"{exc}; handing the run back, next attempt in {delay:.1f} s")
+        await self._log.flush()
+        await self._record(lambda r: r.requeue(str(exc), RequeueCause.INFRASTRUCTURE))
+        self.retry_after_s = delay
 
     async def _run_agent(self, workspace: Workspace, options: dict[str, Any]) -> None:
         run = self._run
@@ -251,8 +269,23 @@ class RunAttempt:
         with contextlib.suppress(IllegalTransition):
             await self._fail(code, message)
 
+    @staticmethod
+    async def _quietly(recording: Awaitable[None]) -> None:
+        with contextlib.suppress(IllegalTransition):
+            await recording
+
     async def _system(self, line: str) -> None:
         await self._log.write("system", line)
 
     async def _record(self, decide: Callable[[Run], None]) -> None:
-        await decide_on_run_async(self._x.app, self._run.id, decide)
+        """Records decide's events while this attempt is the run's current one: once its
+        lease was lost and the run was recovered, a late worker records nothing."""
+
+        def fenced(run: Run) -> None:
+            if run.attempt != self._attempt or run.status is RunStatus.QUEUED:
+                raise IllegalTransition(
+                    "Run", run.status, f"record for lost attempt {self._attempt}"
+                )
+            decide(run)
+
+        await decide_on_run_async(self._x.app, self._run.id, fenced)

@@ -12,6 +12,7 @@ from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
+from projections import queue
 from projections.schema import LIVE_PREFIX, tables
 
 _REQUESTS, _RUNS = tables(LIVE_PREFIX)
@@ -123,7 +124,13 @@ class Views:
         row = await self._one(
             sql.SQL("SELECT {c} FROM {u} WHERE id = %s").format(c=_RUN_COLUMNS, u=_RUNS), (run_id,)
         )
-        return _run_view(row) if row else None
+        if row is None:
+            return None
+        view = _run_view(row)
+        view["queue_position"] = (
+            await queue.position(self._pool, run_id) if view["status"] == "queued" else None
+        )
+        return view
 
     async def get_run_diff(self, run_id: UUID) -> str | None:
         row = await self._one(

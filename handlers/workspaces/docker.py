@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 import aiodocker
 from aiodocker.containers import DockerContainer
@@ -190,7 +192,24 @@ class DockerProvisioner:
         self._image = image
         self._limits = limits
         self._labels = {LABEL_WORKER: worker, LABEL_INSTALLATION: installation}
+        self._installation = installation
         self._scratch_dir = scratch_dir
+
+    async def ping(self) -> None:
+        """Raises WorkspaceUnavailable unless the engine answers (the breaker's probe)."""
+        async with engine_call("asking the engine for its version", timeout_s=5.0):
+            await self._docker.version()
+
+    async def discard(self, run_id: UUID) -> None:
+        """Removes the containers of this run, whichever worker made them (recovery of a run
+        whose worker died: its agent must not write on)."""
+        label_filter = json.dumps(
+            {"label": [f"{LABEL_RUN}={run_id}", f"{LABEL_INSTALLATION}={self._installation}"]}
+        )
+        async with engine_call("listing the run's workspace containers"):
+            containers = await self._docker.containers.list(all=True, filters=label_filter)
+        for container in containers:
+            await remove_container(container)
 
     async def provision(self, spec: WorkspaceSpec) -> DockerWorkspace:
         # The clone on the host and the container's start overlap: both take a while.

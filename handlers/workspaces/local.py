@@ -14,6 +14,7 @@ import shutil
 import signal
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from uuid import UUID
 
 from handlers.workspaces.base import LineSink, WorkspaceDiff, WorkspaceSpec
 from handlers.workspaces.git import checkout, git_bytes, patch_of
@@ -81,6 +82,15 @@ class LocalProvisioner:
         for leftover in self._dir.iterdir():
             shutil.rmtree(leftover, ignore_errors=True)
 
+    async def discard(self, run_id: UUID) -> None:
+        """Kills the agents of this run's workspace and removes it (recovery of a run whose
+        worker died on this host: its agent runs in a session of its own and would go on)."""
+        root = self._dir / str(run_id)  # as provision() named it in the agents' marker
+        for pid in _leftover_agents(root, exact=True):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        await asyncio.to_thread(shutil.rmtree, root, True)
+
     async def provision(self, spec: WorkspaceSpec) -> LocalWorkspace:
         root = self._dir / str(spec.run_id)
         await asyncio.to_thread(shutil.rmtree, root, True)
@@ -96,9 +106,10 @@ class LocalProvisioner:
 _MARKER = "FORGELINE_WORKSPACE"
 
 
-def _leftover_agents(workspaces: Path) -> list[int]:
-    """Processes whose environment marks them as agents of a workspace under this folder."""
-    prefix = f"{_MARKER}={workspaces}/".encode()
+def _leftover_agents(workspaces: Path, *, exact: bool = False) -> list[int]:
+    """Processes whose environment marks them as agents of a workspace under this folder
+    (exact: of this very workspace)."""
+    prefix = f"{_MARKER}={workspaces}".encode() if exact else f"{_MARKER}={workspaces}/".encode()
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
@@ -107,6 +118,7 @@ def _leftover_agents(workspaces: Path) -> list[int]:
             environ = (entry / "environ").read_bytes()
         except OSError:
             continue
-        if any(item.startswith(prefix) for item in environ.split(b"\0")):
+        items = environ.split(b"\0")
+        if any(item == prefix if exact else item.startswith(prefix) for item in items):
             found.append(int(entry.name))
     return found

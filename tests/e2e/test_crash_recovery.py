@@ -75,14 +75,14 @@ def test_requests_survive_sigterm_and_kill_9(instance: Instance, tmp_path: Path)
     repo = make_repo(tmp_path / "repo", {"README.md": "# crash\n"})
     instance.start()
 
-    # SIGTERM while a run is going: a clean stop hands the run back, the next start resumes it.
+    # SIGTERM while a run is going: a clean stop lets it finish (the grace period is 30 s).
     with instance.client() as api:
         stopped = submit(api, repo, SLOW_SCRIPT)
         wait_run(api, stopped["run_id"], {"running"}, timeout=30)
     stop_cleanly(instance)
     instance.start()
     with instance.client() as api:
-        _check_completed(api, repo, stopped, tmp_path / "clone-stopped", {2})
+        _check_completed(api, repo, stopped, tmp_path / "clone-stopped", {1})
 
     # kill -9 of everything: one request is mid-run, another was accepted a moment ago.
     with instance.client() as api:
@@ -94,7 +94,7 @@ def test_requests_survive_sigterm_and_kill_9(instance: Instance, tmp_path: Path)
     instance.start()  # same data dir, same port
     with instance.client() as api:
         _check_completed(api, repo, just_accepted, tmp_path / "clone-accepted", {1, 2})
-        # A run whose worker died is redelivered once its ack wait (30 s) runs out.
+        # A run whose worker died is recovered once its lease (15 s) runs out.
         _check_completed(api, repo, running, tmp_path / "clone-running", {2})
         listed = sorted(item["id"] for item in all_requests(api))
         assert listed == sorted(r["request_id"] for r in (stopped, running, just_accepted))

@@ -152,6 +152,7 @@ def endpoints(ids: dict[str, str]) -> list[tuple[str, str, dict[str, Any] | None
         ("GET", f"/v1/runs/{ids['run']}", None, "viewer"),
         ("GET", f"/v1/runs/{ids['run']}/patch", None, "viewer"),
         ("GET", f"/v1/runs/{ids['run']}/logs?follow=0", None, "viewer"),
+        ("GET", "/v1/dead-letters", None, "operator"),
         ("POST", "/v1/requests", {"repo": ids["repo"], "prompt": "true"}, "operator"),
         ("POST", f"/v1/requests/{ids['request']}/rerun", {"prompt": "true"}, "operator"),
         ("POST", f"/v1/requests/{ids['request']}/cancel", None, "operator"),

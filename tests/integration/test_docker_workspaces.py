@@ -744,7 +744,8 @@ async def engine_restart(
             async def first_attempt_failed() -> bool:
                 if (await fl.run(while_down)).is_terminal:
                     return True
-                return any("retrying" in line for _, line in await fl.log(while_down))
+                log = await fl.log(while_down)
+                return any("handing the run back" in line for _, line in log)
 
             await eventually(first_attempt_failed, timeout=30, message="a provisioning attempt")
             dockerd.start()
