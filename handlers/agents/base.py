@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from handlers.workspaces.base import LineSink, Workspace
@@ -20,8 +21,27 @@ BASE_ENV = {
 }
 
 
+@dataclass(frozen=True)
+class LlmAccess:
+    """How an LLM agent reaches a model: through Forgeline's LLM proxy, never the provider.
+
+    The token is per run (it names the run and is worthless after it); the provider's real key
+    stays in the proxy. Base URLs are as seen from inside the workspace.
+    """
+
+    openai_base_url: str  # OpenAI-compatible, ends in /v1 (chat/completions, responses)
+    anthropic_base_url: str  # Anthropic-compatible (POST {base}/v1/messages)
+    token: str
+
+    def __repr__(self) -> str:  # never print the token
+        return f"LlmAccess({self.openai_base_url!r}, {self.anthropic_base_url!r}, token=***)"
+
+
 class Agent(Protocol):
     name: str
+    # True when the agent calls a model: the run gets an LlmAccess (and a workspace whose only
+    # reachable network peer is the proxy).
+    needs_llm: bool
 
     async def run(
         self,
@@ -31,4 +51,5 @@ class Agent(Protocol):
         options: dict[str, Any],
         on_line: LineSink,
         timeout_s: float,
+        llm: LlmAccess | None = None,
     ) -> int: ...
