@@ -26,6 +26,7 @@ from broker.consumer import consume, durable_config
 from broker.relay import Relay
 from broker.streams import StreamSettings, ensure_streams
 from domain.application import Forgeline
+from forgeline.llm_proxy import WorkerLlmProxy
 from forgeline.provisioning import Workspaces, open_workspaces
 from forgeline.settings import Settings, eventsourcing_env
 from forgeline.startup import ALL_ROLES, StartupError
@@ -168,6 +169,7 @@ async def run_services(
     js = nc.jetstream()
     pool: AsyncConnectionPool[Any] | None = None
     workspaces: Workspaces | None = None
+    llm_proxy: WorkerLlmProxy | None = None
     try:
         await ensure_streams(js, StreamSettings(replicas=settings.stream_replicas))
         projector = ProjectionRunner(app, servers.database_url)
@@ -176,16 +178,23 @@ async def run_services(
             projector.close()  # its connection served the tables only
         if "worker" in roles:  # first: it may fail (no engine, no image) before anything runs
             installation = await anyio.to_thread.run_sync(installation_id, servers.database_url)
-            workspaces = await open_workspaces(settings, app, installation, progress)
+            llm_proxy = await anyio.to_thread.run_sync(
+                WorkerLlmProxy.create, settings, app, servers.database_url
+            )
+            workspaces = await open_workspaces(
+                settings, app, installation, progress, llm_socket_dir=llm_proxy.socket_dir
+            )
+            llm_proxy.listen(workspaces.provisioner.name)
             if status is not None:
                 status["workspaces"] = workspaces.description
+                status["llm_proxy"] = llm_proxy.description
         jobs: list[Coroutine[Any, Any, None]] = []
         if "projector" in roles:
             jobs.append(projector.run(stop))
         if "relay" in roles:
             jobs.append(Relay(app, js).run(stop))
-        if workspaces is not None:
-            jobs += await _worker_jobs(settings, app, js, stop, workspaces)
+        if workspaces is not None and llm_proxy is not None:
+            jobs += await _worker_jobs(settings, app, js, stop, workspaces, llm_proxy)
         if "gateway" in roles:
             pool = AsyncConnectionPool(servers.database_url, min_size=1, max_size=10, open=False)
             await pool.open()
@@ -207,6 +216,8 @@ async def run_services(
             on_ready(0)
         await _run_until_stopped(jobs, stop)
     finally:
+        if llm_proxy is not None:
+            await llm_proxy.close()
         if workspaces is not None:
             await workspaces.close()
         if pool is not None:
@@ -251,6 +262,7 @@ async def _worker_jobs(
     js: Any,
     stop: asyncio.Event,
     workspaces: Workspaces,
+    llm_proxy: WorkerLlmProxy,
 ) -> list[Coroutine[Any, Any, None]]:
     executor = Executor(
         app,
@@ -265,6 +277,7 @@ async def _worker_jobs(
             shutdown_grace_s=settings.shutdown_grace_s,
             ack_wait_s=settings.run_ack_wait_s,
         ),
+        llm=llm_proxy.grants,
     )
     commands = consume(
         js,
@@ -273,7 +286,7 @@ async def _worker_jobs(
         command_message_handler(app),
         stop,
     )
-    return [commands, executor.run(stop), workspaces.reap_forever(stop)]
+    return [commands, executor.run(stop), workspaces.reap_forever(stop), llm_proxy.serve(stop)]
 
 
 async def _serve_http(

@@ -65,6 +65,20 @@ class Settings(BaseSettings):
     # Browser origins allowed to call the API (CORS), comma-separated; none by default.
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
+    # The LLM proxy (docs/llm-proxy.md): the providers LLM agents' calls go to, with the real
+    # keys (secrets: never logged, never recorded). A provider without a key is not offered.
+    llm_openai_base_url: str = "https://api.openai.com/v1"
+    llm_openai_api_key: SecretStr | None = None
+    llm_anthropic_base_url: str = "https://api.anthropic.com"
+    llm_anthropic_api_key: SecretStr | None = None
+    # USD per million tokens [input, output] by model-name prefix (JSON); default: a table of
+    # public list prices. Models not in it cost llm_fallback_price.
+    llm_prices: dict[str, tuple[float, float]] | None = None
+    llm_fallback_price: tuple[float, float] = (15.0, 75.0)
+    # Where the proxy listens for local workspaces (Docker workspaces use a unix socket).
+    llm_proxy_host: str = "127.0.0.1"
+    llm_proxy_port: int = Field(default=0, ge=0, le=65535)  # 0: a free port
+
     # Client commands (submit, status, logs, ...) talk HTTP to this gateway.
     url: str = "http://127.0.0.1:8080"
     api_key: SecretStr | None = None

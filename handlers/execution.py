@@ -29,6 +29,7 @@ from domain.run import Run
 from domain.status import FailureCode, RunStatus
 from handlers import log_context
 from handlers.agents.base import Agent
+from handlers.proxy.access import LlmGrants
 from handlers.run_attempt import RunAttempt
 from handlers.store import decide_on_run_async, load_run
 from handlers.workspaces.base import Provisioner
@@ -61,8 +62,10 @@ class Executor:
         provisioner: Provisioner,
         agents: Mapping[str, Agent],
         settings: ExecutorSettings,
+        llm: LlmGrants | None = None,
     ) -> None:
         self.app = app
+        self.llm = llm  # how LLM agents reach the proxy; None: this worker runs none
         self.js = js
         self.provisioner = provisioner
         self.agents = agents
