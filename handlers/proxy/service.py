@@ -129,8 +129,11 @@ class LlmProxy:
 
             return Route(path, endpoint, methods=["POST"])
 
-        async def models(request: Request) -> Response:
-            return await self._call(request, "openai", None, "models")
+        def unmetered(path: str, method: str, provider: Provider, upstream_path: str) -> Route:
+            async def endpoint(request: Request) -> Response:
+                return await self._call(request, provider, None, upstream_path)
+
+            return Route(path, endpoint, methods=[method])
 
         async def healthz(request: Request) -> Response:
             return JSONResponse({"status": "ok"})
@@ -139,8 +142,16 @@ class LlmProxy:
             routes=[
                 post("/openai/v1/chat/completions", "openai", "chat", "chat/completions"),
                 post("/openai/v1/responses", "openai", "responses", "responses"),
-                Route("/openai/v1/models", models, methods=["GET"]),
                 post("/anthropic/v1/messages", "anthropic", "messages", "v1/messages"),
+                # Calls that cost nothing, which CLIs make beside their model calls.
+                unmetered("/openai/v1/models", "GET", "openai", "models"),
+                unmetered("/anthropic/v1/models", "GET", "anthropic", "v1/models"),
+                unmetered(
+                    "/anthropic/v1/messages/count_tokens",
+                    "POST",
+                    "anthropic",
+                    "v1/messages/count_tokens",
+                ),
                 Route("/healthz", healthz, methods=["GET"]),
             ]
         )
@@ -246,13 +257,13 @@ class LlmProxy:
 
     async def _read_body(self, request: Request, api: Api | None) -> tuple[bytes, str]:
         """The request body to forward, and the model asked for."""
-        if api is None:
-            return b"", ""
         raw = b""
         async for chunk in request.stream():
             raw += chunk
             if len(raw) > MAX_BODY_BYTES:
                 raise ProxyRefused(413, "request_too_large", "the request body is too large")
+        if api is None:
+            return raw, ""
         try:
             body = json.loads(raw)
         except ValueError:
