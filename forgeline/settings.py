@@ -42,7 +42,7 @@ class Settings(BaseSettings):
     provisioner: Literal["auto", "docker", "local"] = "auto"
     docker_url: str | None = None  # default: DOCKER_HOST or the local socket
     # The workspace image: used when present, else pulled, else built offline (debootstrap).
-    workspace_image: str = "forgeline/workspace:bookworm-1"
+    workspace_image: str = "forgeline/workspace:bookworm-2"
     debian_mirror: str | None = None  # default: the first Debian mirror in apt's sources
     workspace_cpus: float = Field(default=2.0, gt=0)
     workspace_memory_mb: int = Field(default=2048, ge=64)
