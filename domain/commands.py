@@ -111,10 +111,7 @@ class RequestSpec(_Frozen):
         agent = AGENTS.get(info.data.get("agent", DEFAULT_AGENT))
         if agent is None:
             return value  # the agent field reports the unknown agent
-        allowed = set(agent.options_schema.get("properties", {}))
-        unknown = sorted(set(value) - allowed)
-        if unknown:
-            raise ValueError(f"agent {agent.name!r} takes no option(s) {', '.join(unknown)}")
+        agent.validate_options(value)  # each agent's schema (domain/agents.py): ValueError
         return value
 
 
