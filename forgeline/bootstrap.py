@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +35,7 @@ from gateway import idempotency
 from gateway import keys as api_keys
 from gateway.app import create_app
 from gateway.deps import GatewayDeps
+from handlers.agents.base import Agent
 from handlers.agents.shell import ShellAgent
 from handlers.commands import command_message_handler
 from handlers.execution import Executor, ExecutorSettings
@@ -148,6 +149,7 @@ async def run_services(
     status: dict[str, str] | None = None,
     progress: Callable[[str], None] = log.info,
     on_first_key: Callable[[str], None] | None = None,
+    agents: Mapping[str, Agent] | None = None,
 ) -> None:
     """Runs the roles until stop is set or one of them fails; then closes everything.
 
@@ -156,7 +158,8 @@ async def run_services(
     shows long start-up work (building the workspace image). on_first_key, when given, is
     handed the secret of a first admin key made because the store holds no key at all (once:
     never again on this store), before on_ready; without it no such key is made. With
-    settings.admin_key (FORGELINE_ADMIN_KEY), that key is made an admin key instead.
+    settings.admin_key (FORGELINE_ADMIN_KEY), that key is made an admin key instead. agents,
+    when given, replaces the agent adapters a worker runs (tests).
     """
     app = await anyio.to_thread.run_sync(open_store, servers.database_url, settings.cipher_key)
     try:
@@ -194,7 +197,9 @@ async def run_services(
         if "relay" in roles:
             jobs.append(Relay(app, js).run(stop))
         if workspaces is not None and llm_proxy is not None:
-            jobs += await _worker_jobs(settings, app, js, stop, workspaces, llm_proxy)
+            jobs += await _worker_jobs(
+                settings, app, js, stop, workspaces, llm_proxy, agents or default_agents()
+            )
         if "gateway" in roles:
             pool = AsyncConnectionPool(servers.database_url, min_size=1, max_size=10, open=False)
             await pool.open()
@@ -256,6 +261,10 @@ async def _start_up_keys(
         on_first_key(done.first_secret)
 
 
+def default_agents() -> dict[str, Agent]:
+    return {"shell": ShellAgent()}
+
+
 async def _worker_jobs(
     settings: Settings,
     app: Forgeline,
@@ -263,12 +272,13 @@ async def _worker_jobs(
     stop: asyncio.Event,
     workspaces: Workspaces,
     llm_proxy: WorkerLlmProxy,
+    agents: Mapping[str, Agent],
 ) -> list[Coroutine[Any, Any, None]]:
     executor = Executor(
         app,
         js,
         workspaces.provisioner,
-        {"shell": ShellAgent()},
+        agents,
         ExecutorSettings(
             worker=settings.worker_name,
             slots=settings.worker_slots,
