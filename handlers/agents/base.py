@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from handlers.workspaces.base import LineSink, Workspace
+from handlers.workspaces.base import LineSink, Workspace, WorkspaceError
 
 # What an agent's process sees of the host's environment: nothing secret, ever.
 BASE_ENV = {
@@ -53,3 +54,29 @@ class Agent(Protocol):
         timeout_s: float,
         llm: LlmAccess | None = None,
     ) -> int: ...
+
+
+@dataclass(frozen=True)
+class ReportedUsage:
+    """The usage an agent printed about itself, to cross-check the proxy's metering."""
+
+    input_tokens: int
+    output_tokens: int
+    cost_usd: float | None = None  # the agent's own estimate, when it prints one
+
+
+def require_llm(agent: str, llm: LlmAccess | None) -> LlmAccess:
+    if llm is None:
+        raise WorkspaceError(f"agent {agent!r} calls a model but was given no LLM proxy access")
+    return llm
+
+
+def json_object(line: str) -> dict[str, Any]:
+    """The JSON object an output line holds (agents print events as JSON lines); {} else."""
+    if not line.startswith("{"):
+        return {}
+    try:
+        value = json.loads(line)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
