@@ -35,8 +35,8 @@ from gateway import idempotency
 from gateway import keys as api_keys
 from gateway.app import create_app
 from gateway.deps import GatewayDeps
+from handlers.agents import all_agents
 from handlers.agents.base import Agent
-from handlers.agents.shell import ShellAgent
 from handlers.commands import command_message_handler
 from handlers.execution import Executor, ExecutorSettings
 from projections.runner import ProjectionRunner
@@ -262,7 +262,7 @@ async def _start_up_keys(
 
 
 def default_agents() -> dict[str, Agent]:
-    return {"shell": ShellAgent()}
+    return all_agents()
 
 
 async def _worker_jobs(
