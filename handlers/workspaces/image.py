@@ -159,6 +159,11 @@ async def build_image(
             "debootstrap is not installed: apt-get install debootstrap "
             "(scripts/ensure-docker.sh installs it)"
         )
+    if recipe.agent_tools and not shutil.which("npm"):
+        raise ImageUnavailable(
+            "npm is not installed: it installs Codex and Claude Code into the workspace image "
+            "(apt-get install npm; scripts/ensure-docker.sh installs it)"
+        )
     mirror = mirror or mirror_from_apt(recipe.suite)
     if not mirror:
         raise ImageUnavailable(
