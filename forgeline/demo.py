@@ -17,8 +17,10 @@ from rich.live import Live
 from rich.syntax import Syntax
 from rich.table import Table
 
+from forgeline import demo_llm
 from forgeline.bootstrap import Servers, run_services, running_servers
 from forgeline.client import ForgelineClient
+from forgeline.fake_llm import FakeUpstream
 from forgeline.settings import Settings
 from gateway import keys
 
@@ -84,6 +86,22 @@ def run_demo(data_dir: Path | None) -> int:
 
 
 async def _demo(settings: Settings, servers: Servers, workdir: Path) -> int:
+    async with FakeUpstream(demo_llm.fake_script()) as fake:
+        console.print(f"LLM agents call a {demo_llm.LABEL} at {fake.url}, through the LLM proxy")
+        key = SecretStr(demo_llm.DEMO_UPSTREAM_KEY)
+        settings = settings.model_copy(
+            update={
+                "llm_openai_base_url": f"{fake.url}/v1",
+                "llm_openai_api_key": key,
+                "llm_anthropic_base_url": fake.url,
+                "llm_anthropic_api_key": key,
+                "llm_prices": demo_llm.DEMO_PRICES,
+            }
+        )
+        return await _demo_services(settings, servers, workdir)
+
+
+async def _demo_services(settings: Settings, servers: Servers, workdir: Path) -> int:
     assert settings.admin_key is not None
     secret = settings.admin_key.get_secret_value()
     stop = asyncio.Event()
@@ -125,7 +143,14 @@ def _scenario(url: str, workdir: Path, api_key: str) -> int:
     with ForgelineClient(url, api_key) as client:
         shout = client.submit({"repo": str(repo), "prompt": ADD_SHOUT, "labels": {"demo": "1"}})
         broken = client.submit({"repo": str(repo), "prompt": FAILING, "labels": {"demo": "1"}})
-        tracked = {"add shout option": shout["request_id"], "failing script": broken["request_id"]}
+        llm = client.submit(demo_llm.llm_request(str(repo), budget_usd=0.05))
+        capped = client.submit(demo_llm.llm_request(str(repo), max_tokens=1000))
+        tracked = {
+            "add shout option": shout["request_id"],
+            "failing script": broken["request_id"],
+            f"LLM agent, {demo_llm.LABEL}": llm["request_id"],
+            "LLM agent, max_tokens 1000": capped["request_id"],
+        }
         _watch(client, tracked)
         rerun = client.rerun(shout["request_id"], FOLLOW_UP)
         tracked["rerun: document it"] = shout["request_id"]
@@ -134,6 +159,8 @@ def _scenario(url: str, workdir: Path, api_key: str) -> int:
 
         first, latest = client.run(shout["run_id"]), client.run(rerun["run_id"])
         failed = client.run(broken["run_id"])
+        llm_run, capped_run = client.run(llm["run_id"]), client.run(capped["run_id"])
+        llm_patch = _show_llm_runs(client, llm_run, capped_run)
         patch = client.patch(rerun["run_id"])
         console.rule("patch of the rerun (cumulative)")
         console.print(Syntax(patch, "diff", theme="ansi_dark", background_color="default"))
@@ -147,10 +174,31 @@ def _scenario(url: str, workdir: Path, api_key: str) -> int:
             and "shout" in patch
             and "Shouting" in patch,
             "the patch applies to a clean clone": applies,
+            f"LLM agent ({demo_llm.LABEL}) succeeded with a patch": llm_run["status"] == "succeeded"
+            and '"""The greeting' in llm_patch,
+            "its usage was recorded on the run": bool(llm_run["usage"])
+            and llm_run["usage"]["input_tokens"] == 1450 + 1720,
+            "the capped LLM run ended budget_exceeded": (capped_run["error"] or {}).get("code")
+            == "budget_exceeded",
         }
         for name, ok in checks.items():
             console.print(f"  {'[green]ok[/green]' if ok else '[red]FAILED[/red]'}  {name}")
         return 0 if all(checks.values()) else 1
+
+
+def _show_llm_runs(
+    client: ForgelineClient, llm_run: dict[str, Any], capped_run: dict[str, Any]
+) -> str:
+    """Shows the LLM runs' usage and the first one's patch; returns that patch."""
+    console.print()
+    console.rule(f"LLM agent runs ({demo_llm.LABEL}, through the LLM proxy)")
+    for name, run in (("budget_usd 0.05", llm_run), ("max_tokens 1000", capped_run)):
+        error = run["error"] or {}
+        outcome = run["status"] + (f" {error.get('code')}: {error.get('message')}" if error else "")
+        console.print(f"  {name}: {outcome}; usage: {demo_llm.usage_line(run)}")
+    llm_patch = client.patch(llm_run["id"]) if llm_run["patch"] else ""
+    console.print(Syntax(llm_patch, "diff", theme="ansi_dark", background_color="default"))
+    return llm_patch
 
 
 def _watch(client: ForgelineClient, tracked: dict[str, str]) -> None:

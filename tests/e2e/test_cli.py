@@ -220,6 +220,11 @@ def test_demo_runs_by_itself_and_exits_0() -> None:
     assert "FAILED" not in output
     assert output.count(" ok ") >= 4 or output.count("ok  ") >= 4, output
     assert "patch_ready" in output and "diff --git" in output
+    # An LLM agent's run against the built-in fake model, through the proxy, labelled so.
+    assert "fake model (built-in, scripted)" in output
+    assert "ok  LLM agent (fake model (built-in, scripted)) succeeded with a patch" in output
+    assert "ok  the capped LLM run ended budget_exceeded" in output
+    assert "3170 tokens in, 150 out" in output, output
     # It cleans up after itself: its temp dir and its servers are gone.
     match = re.search(r"sample repository: (/tmp/fl-demo-[^/\s]+)/", output)
     assert match, output
