@@ -75,6 +75,7 @@ def run_demo(data_dir: Path | None) -> int:
         data_dir=data_dir or workdir / "data",
         port=0,
         log_level="WARNING",
+        rate_limit_per_min=0,  # the demo's own key watches many requests at once
         admin_key=SecretStr(secret),
     )
     console.rule("[bold]Forgeline demo")
@@ -121,7 +122,10 @@ async def _demo_services(settings: Settings, servers: Servers, workdir: Path) ->
         port = await asyncio.wait_for(asyncio.shield(ready), 600)
         console.print(f"gateway on http://127.0.0.1:{port}")
         console.print(f"workspaces: {status.get('workspaces', '?')}")
-        return await asyncio.to_thread(_scenario, f"http://127.0.0.1:{port}", workdir, secret)
+        in_docker = status.get("workspaces", "").startswith("docker")
+        return await asyncio.to_thread(
+            _scenario, f"http://127.0.0.1:{port}", workdir, secret, in_docker
+        )
     finally:
         stop.set()
         await services
@@ -137,7 +141,7 @@ async def _forget_key(database_url: str, secret: str) -> None:
         await keys.delete_key(conn, secret)
 
 
-def _scenario(url: str, workdir: Path, api_key: str) -> int:
+def _scenario(url: str, workdir: Path, api_key: str, in_docker: bool) -> int:
     repo = _sample_repo(workdir / "sample-repo")
     console.print(f"sample repository: {repo}")
     with ForgelineClient(url, api_key) as client:
@@ -151,6 +155,10 @@ def _scenario(url: str, workdir: Path, api_key: str) -> int:
             f"LLM agent, {demo_llm.LABEL}": llm["request_id"],
             "LLM agent, max_tokens 1000": capped["request_id"],
         }
+        mini = None
+        if in_docker:  # the workspace image holds the real agent CLIs
+            mini = client.submit(demo_llm.mini_swe_agent_request(str(repo)))
+            tracked[f"mini-swe-agent, {demo_llm.LABEL}"] = mini["request_id"]
         _watch(client, tracked)
         rerun = client.rerun(shout["request_id"], FOLLOW_UP)
         tracked["rerun: document it"] = shout["request_id"]
@@ -181,6 +189,13 @@ def _scenario(url: str, workdir: Path, api_key: str) -> int:
             "the capped LLM run ended budget_exceeded": (capped_run["error"] or {}).get("code")
             == "budget_exceeded",
         }
+        if mini is not None:
+            mini_run = client.run(mini["run_id"])
+            console.print(
+                f"  mini-swe-agent: {mini_run['status']}; usage: {demo_llm.usage_line(mini_run)}"
+            )
+            mini_patch = client.patch(mini["run_id"]) if mini_run["patch"] else ""
+            checks["mini-swe-agent (real CLI) made the same edit"] = '"""The greeting' in mini_patch
         for name, ok in checks.items():
             console.print(f"  {'[green]ok[/green]' if ok else '[red]FAILED[/red]'}  {name}")
         return 0 if all(checks.values()) else 1
@@ -210,7 +225,7 @@ def _watch(client: ForgelineClient, tracked: dict[str, str]) -> None:
             live.update(_table(rows))
             if all(status in TERMINAL for _, status in rows) or time.monotonic() > deadline:
                 return
-            time.sleep(0.1)
+            time.sleep(0.25)
 
 
 def _table(rows: list[tuple[str, str]]) -> Table:

@@ -88,6 +88,17 @@ def llm_request(repo: str, **budget: Any) -> dict[str, Any]:
     }
 
 
+def mini_swe_agent_request(repo: str) -> dict[str, Any]:
+    """The same task for the real mini-swe-agent CLI (Docker workspaces: it is in the image)."""
+    return {
+        "repo": repo,
+        "prompt": TASK,
+        "agent": "mini-swe-agent",
+        "agent_options": {"model": "fake-model", "step_limit": 10},
+        "labels": {"demo": "1"},
+    }
+
+
 def usage_line(run: dict[str, Any]) -> str:
     usage = run.get("usage")
     if not usage:
