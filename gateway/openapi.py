@@ -93,11 +93,12 @@ class PatchStats(_Shape):
 
 
 class Usage(_Shape):
-    """What the agent consumed; no agent reports it yet, so runs show null."""
+    """The run's model usage through the LLM proxy, totals over its calls (every attempt);
+    null for a run that made no model call (e.g. a shell run)."""
 
-    input_tokens: int | None = None
-    output_tokens: int | None = None
-    cost_usd: float | None = None
+    input_tokens: int
+    output_tokens: int
+    cost_usd: float
 
 
 class RunView(_Shape):

@@ -77,6 +77,12 @@ BAD_SUBMITS: dict[str, tuple[dict[str, Any], set[int]]] = {
     "priority not a number": ({"json": _body(priority="high")}, {422}),
     "timeout negative": ({"json": _body(timeout_s=-1)}, {422}),
     "labels not an object": ({"json": _body(labels=["a"])}, {422}),
+    "budget_usd zero": ({"json": _body(budget_usd=0)}, {422}),
+    "budget_usd as text": ({"json": _body(budget_usd="5")}, {422}),
+    "budget_usd NaN": ({"content": b'{"repo": "/srv/repo", "prompt": "p", "budget_usd": NaN}',
+                        "headers": JSON}, {400, 422}),  # fmt: skip
+    "max_tokens negative": ({"json": _body(max_tokens=-10)}, {422}),
+    "max_tokens fractional": ({"json": _body(max_tokens=10.5)}, {422}),
     "unknown field": ({"json": _body(colour="blue")}, {400, 422}),
     "unknown agent": ({"json": _body(agent="no-such-agent")}, {400, 422}),
     "unknown agent option": ({"json": _body(agent_options={"model": "x"})}, {400, 422}),
