@@ -211,8 +211,6 @@ class DockerProvisioner:
         try:
             async with engine_call("copying the repository into the workspace"):
                 await container.put_archive(WORKDIR, archive)  # type: ignore[no-untyped-call]
-            if spec.llm_proxy:
-                await start_forwarder(container)
         except BaseException:
             await asyncio.shield(remove_container(container))
             raise
@@ -244,6 +242,8 @@ class DockerProvisioner:
         try:
             async with engine_call("starting the workspace container"):
                 await container.start()
+            if spec.llm_proxy:  # while the repository is cloned on the host
+                await start_forwarder(container)
         except BaseException:
             # A container that failed to start is deleted, never leaked.
             await asyncio.shield(remove_container(container))
