@@ -56,9 +56,9 @@ ALLOWED_ACTIONS: dict[RunStatus, frozenset[RunAction]] = {
     _S.FAILED: frozenset(),
     _S.CANCELLED: frozenset(),
 }
-# Model usage is money spent: it is recorded whenever the LLM proxy sees it, including a call
-# that was still streaming when the run ended (docs/llm-proxy.md).
-for _status in (_S.PROVISIONING, _S.RUNNING, *TERMINAL_STATUSES):
+# Model usage is money spent: it is recorded whenever the LLM proxy sees it, in any status
+# (a call still streaming when its attempt was handed back, or when the run ended).
+for _status in RunStatus:
     ALLOWED_ACTIONS[_status] = ALLOWED_ACTIONS[_status] | {_A.RECORD_USAGE}
 
 

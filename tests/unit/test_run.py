@@ -97,6 +97,7 @@ LEGAL: dict[tuple[RunStatus, RunAction], tuple[tuple[str, ...], RunStatus]] = {
     (S.RUNNING, A.REQUEST_CANCEL): (("CancelRequested",), S.RUNNING),
     (S.RUNNING, A.REQUEUE): (("RunRequeued",), S.QUEUED),
     # Usage is money spent: recorded whenever the proxy sees it, even after the run ended.
+    (S.QUEUED, A.RECORD_USAGE): (("UsageRecorded",), S.QUEUED),
     (S.PROVISIONING, A.RECORD_USAGE): (("UsageRecorded",), S.PROVISIONING),
     (S.RUNNING, A.RECORD_USAGE): (("UsageRecorded",), S.RUNNING),
     (S.SUCCEEDED, A.RECORD_USAGE): (("UsageRecorded",), S.SUCCEEDED),
