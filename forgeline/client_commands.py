@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -28,6 +29,14 @@ def add_parsers(sub: Any) -> None:
     prompt.add_argument("--prompt", help="the prompt (for agent shell: a bash script)")
     prompt.add_argument("--prompt-file", type=Path, help="read the prompt from a file")
     p.add_argument("--agent", default=None, help="agent name (default: shell)")
+    p.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an agent option (docs/agents.md); VALUE is read as JSON when it parses "
+        "(20, true, [\"a\", \"b\"]), else as a string",
+    )
     p.add_argument("--ref", default=None, help="branch, tag or commit (default: HEAD)")
     p.add_argument("--priority", type=int, default=None, help="1 (highest) to 5, default 3")
     p.add_argument("--timeout", type=int, default=None, dest="timeout_s", help="seconds")
@@ -90,11 +99,21 @@ def _submit(client: ForgelineClient, args: argparse.Namespace) -> int:
             body[key] = getattr(args, key)
     if args.label:
         body["labels"] = dict(label.split("=", 1) for label in args.label if "=" in label)
+    if args.option:
+        body["agent_options"] = dict(_option(option) for option in args.option)
     accepted = client.submit(body, idempotency_key=args.idempotency_key)
     _out.print(f"request {accepted['request_id']}  run {accepted['run_id']}")
     if not args.wait:
         return 0
     return follow_run(client, accepted["request_id"], accepted["run_id"])
+
+
+def _option(text: str) -> tuple[str, Any]:
+    key, _, value = text.partition("=")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
 
 
 @_guarded

@@ -110,3 +110,12 @@ def test_usage_is_read_from_what_each_agent_prints() -> None:
     assert MiniSweAgent().usage_from_output(mini_lines) == ReportedUsage(9, 2)
     for agent in (CodexAgent(), ClaudeCodeAgent(), MiniSweAgent()):
         assert agent.usage_from_output(["nothing", "{not json"]) is None
+
+
+def test_cli_options_are_json_when_they_parse_else_strings() -> None:
+    from forgeline.client_commands import _option
+
+    assert _option("step_limit=20") == ("step_limit", 20)
+    assert _option("model=gpt-5") == ("model", "gpt-5")
+    assert _option('argv=["aider", "{prompt_file}"]') == ("argv", ["aider", "{prompt_file}"])
+    assert _option("env={}") == ("env", {})
