@@ -186,6 +186,10 @@ def test_bad_input_is_explained(url: str, repo: Path) -> None:
     assert "repo" in err, err
     err = failed(run_cli(url, "submit", str(repo), "--prompt", "echo hi", "--priority", "9"))
     assert "priority" in err, err
+    err = failed(run_cli(url, "submit", str(repo), "--prompt", "echo hi", "--budget-usd", "0"))
+    assert "budget_usd" in err, err
+    err = failed(run_cli(url, "submit", str(repo), "--prompt", "echo hi", "--max-tokens", "-5"))
+    assert "max_tokens" in err, err
 
 
 def test_an_unreachable_gateway_is_explained() -> None:
