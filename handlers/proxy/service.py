@@ -1,9 +1,10 @@
 """The LLM proxy's HTTP service: authenticate the run, forward to the provider, meter usage.
 
 Routes (as agents see them, under the base URL their LlmAccess names):
-  POST /openai/v1/chat/completions, POST /openai/v1/responses, GET /openai/v1/models
-  POST /anthropic/v1/messages
-  GET  /healthz (no token; the workspace forwarder's and the tests' probe)
+  POST /openai/v1/chat/completions, POST /openai/v1/responses     metered
+  POST /anthropic/v1/messages                                      metered
+  GET /openai/v1/models, GET /anthropic/v1/models, POST /anthropic/v1/messages/count_tokens
+  GET /healthz (no token; the tests' probe)
 
 The agent authenticates with its run's token (Authorization: Bearer, or x-api-key); the proxy
 puts the provider's real key on the upstream request. Replies, streamed or not, pass through
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import httpx
+from eventsourcing.application import AggregateNotFoundError
 from prometheus_client import Counter
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -190,8 +192,13 @@ class LlmProxy:
             )
         try:
             run = await load_run(self._app, token.run_id)
-        except Exception:
+        except AggregateNotFoundError:
             raise ProxyRefused(401, "invalid_token", "this token's run does not exist") from None
+        except Exception as exc:
+            log.warning("LLM proxy: the event store did not answer: %s", type(exc).__name__)
+            raise ProxyRefused(
+                503, "store_unavailable", "Forgeline's store did not answer; retry later"
+            ) from None
         if run.status is not RunStatus.RUNNING or run.attempt != token.attempt:
             raise ProxyRefused(
                 401, "token_expired", f"this token's run is {run.status.value}: it no longer works"
@@ -257,11 +264,13 @@ class LlmProxy:
 
     async def _read_body(self, request: Request, api: Api | None) -> tuple[bytes, str]:
         """The request body to forward, and the model asked for."""
-        raw = b""
+        chunks, size = [], 0
         async for chunk in request.stream():
-            raw += chunk
-            if len(raw) > MAX_BODY_BYTES:
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
                 raise ProxyRefused(413, "request_too_large", "the request body is too large")
+        raw = b"".join(chunks)
         if api is None:
             return raw, ""
         try:

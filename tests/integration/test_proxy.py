@@ -14,7 +14,12 @@ from uuid import uuid4
 
 import httpx
 import pytest
+import uvicorn
 from nats.js import JetStreamContext
+from starlette.applications import Starlette
+from starlette.requests import Request as StarletteRequest
+from starlette.responses import StreamingResponse
+from starlette.routing import Route
 
 from domain.application import Forgeline
 from domain.commands import RequestSpec
@@ -281,3 +286,53 @@ async def test_the_provider_key_is_nowhere_in_the_store_or_the_streams(
     assert scan_database(database_url, "sk-upstream-") == []
     # The scanner does find what is there (it is no blind test): the run's prompt.
     assert scan_database(database_url, "fix it")
+
+
+async def test_a_stream_passes_through_as_it_comes(store: Forgeline) -> None:
+    """The first event reaches the agent while the provider still holds back the rest."""
+    release = asyncio.Event()
+
+    async def held_stream(request: StarletteRequest) -> StreamingResponse:
+        async def events() -> AsyncIterator[bytes]:
+            yield b'data: {"model": "fake", "choices": [{"delta": {"content": "first"}}]}\n\n'
+            await release.wait()
+            last = {"choices": [], "usage": {"prompt_tokens": 10, "completion_tokens": 2}}
+            yield f"data: {json.dumps(last)}\n\ndata: [DONE]\n\n".encode()
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    upstream_app = Starlette(routes=[Route("/v1/chat/completions", held_stream, methods=["POST"])])
+    upstream = uvicorn.Server(uvicorn.Config(upstream_app, log_level="warning", lifespan="off"))
+    listener = ProxyListeners(tcp=("127.0.0.1", 0), socket_dir=None)  # only for a free socket
+    sock = listener.sockets[0]
+    serving_upstream = asyncio.create_task(upstream.serve(sockets=[sock]))
+    run = running_run(store)
+    tokens = RunTokens(secrets.token_bytes(32))
+    config = ProxyConfig(openai=Upstream(f"{listener.tcp_url}/v1", UPSTREAM_KEY), anthropic=None)
+    proxy = LlmProxy(store, tokens, config)
+    listeners = ProxyListeners(tcp=("127.0.0.1", 0), socket_dir=None)
+    stop = asyncio.Event()
+    serving = asyncio.create_task(serve_proxy(proxy, listeners, stop))
+    try:
+        headers = {"authorization": f"Bearer {tokens.mint(run.id, 1)}"}
+        async with (
+            httpx.AsyncClient(base_url=str(listeners.tcp_url), timeout=10) as client,
+            client.stream(
+                "POST", "/openai/v1/chat/completions", json=chat(True), headers=headers
+            ) as reply,
+        ):
+            chunks = reply.aiter_raw()
+            first = await asyncio.wait_for(anext(chunks), 5)
+            assert b"first" in first and not release.is_set()
+            release.set()
+            rest = b"".join([chunk async for chunk in chunks])
+        assert b"[DONE]" in rest
+        await proxy.wait_recorded()
+        after = await load_run(store, run.id)
+        assert (after.input_tokens, after.output_tokens) == (10, 2)
+    finally:
+        stop.set()
+        await serving
+        upstream.should_exit = True
+        await serving_upstream
+        listener.close()
