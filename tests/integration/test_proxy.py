@@ -4,6 +4,7 @@ what is recorded on its run, who is refused, and where the provider's key never 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import secrets
 from collections.abc import AsyncIterator
@@ -16,6 +17,7 @@ import httpx
 import pytest
 import uvicorn
 from nats.js import JetStreamContext
+from pydantic import SecretStr
 from starlette.applications import Starlette
 from starlette.requests import Request as StarletteRequest
 from starlette.responses import StreamingResponse
@@ -25,6 +27,7 @@ from domain.application import Forgeline
 from domain.commands import RequestSpec
 from domain.request import Request
 from domain.run import Run
+from forgeline.bootstrap import open_store
 from forgeline.fake_llm import FakeUpstream, Script, Turn
 from handlers.proxy.pricing import Prices
 from handlers.proxy.server import ProxyListeners, serve_proxy
@@ -336,3 +339,20 @@ async def test_a_stream_passes_through_as_it_comes(store: Forgeline) -> None:
         upstream.should_exit = True
         await serving_upstream
         listener.close()
+
+
+async def test_the_scan_reads_encrypted_states_too(database_url: str) -> None:
+    """With encryption at rest the key is looked for in each decrypted state as well."""
+    cipher_key = SecretStr(base64.b64encode(secrets.token_bytes(32)).decode())
+    app = await asyncio.to_thread(open_store, database_url, cipher_key)
+    try:
+        async with running_proxy(app) as p:
+            run = running_run(app)
+            assert (await call(p, "messages-stream", p.tokens.mint(run.id, 1))).status_code == 200
+            await p.proxy.wait_recorded()
+        assert (await load_run(app, run.id)).model_calls == 1
+    finally:
+        app.close()
+    assert scan_database(database_url, UPSTREAM_KEY, cipher_key) == []
+    decoded = scan_database(database_url, "fix it", cipher_key)
+    assert decoded and all("decoded state" in where for where in decoded)  # not in raw rows

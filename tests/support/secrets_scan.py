@@ -15,6 +15,7 @@ from typing import Any
 import psycopg
 from nats.js import JetStreamContext
 from psycopg import sql
+from pydantic import SecretStr
 
 from broker import subjects
 from domain.application import EVENTS_TABLE, Forgeline
@@ -80,9 +81,10 @@ def scan_tables(database_url: str, secret: str) -> list[str]:
     return found
 
 
-def scan_database(database_url: str, secret: str) -> list[str]:
-    """The event store decoded (with FORGELINE_CIPHER_KEY when set) and every table."""
-    app = open_store(database_url)
+def scan_database(database_url: str, secret: str, cipher_key: SecretStr | None = None) -> list[str]:
+    """The event store decoded (with cipher_key, default FORGELINE_CIPHER_KEY when set) and
+    every table."""
+    app = open_store(database_url, cipher_key)
     try:
         return scan_event_store(app, secret) + scan_tables(database_url, secret)
     finally:
