@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import os
 import platform
 import shutil
@@ -141,6 +142,11 @@ async def _pip_install(rootfs: Path, wheels: Path, progress: Progress) -> None:
     """The host's pip downloads the wheels (with the host's pip configuration: index, proxy,
     certificates), the image's own python3 installs them in its venv, offline (chroot)."""
     progress(f"mini-swe-agent {MINI_SWE_AGENT_VERSION}: wheels from PyPI, a venv at {MSWEA_VENV}")
+    if importlib.util.find_spec("pip") is None:
+        raise ToolInstallFailed(
+            f"pip is not installed beside this Python ({sys.executable}): it downloads "
+            "mini-swe-agent's wheels for the image (python -m ensurepip)"
+        )
     wheels.mkdir(parents=True, exist_ok=True)
     lock = wheels / "requirements.txt"
     lock.write_text("\n".join(MINI_SWE_AGENT_LOCK) + "\n")
