@@ -163,9 +163,87 @@ async def test_an_llm_workspace_reaches_the_proxy_and_nothing_else(
         if host != "172.17.0.1":
             socket.create_connection((host, int(port)), timeout=3).close()
 
+    run = await run_in_docker(ProbeAgent(targets), database, git_repo, tmp_path)
+    assert run.status is RunStatus.SUCCEEDED, run.error
+    results = probe_results(run.patch or "")
+    assert results["interfaces"] == ["lo"]
+    assert results["proxy_health"] == 200
+    assert results["model_call"] == [200, 77]
+    assert run.model_calls == 1 and run.input_tokens == 77
+    for target in targets:
+        assert results["reached"][target].startswith("OSError: Network is unreachable"), (
+            target,
+            results["reached"][target],
+        )
+    assert results["docker_socket"] is False
+    assert results["proxy_folder"] == ["llm.sock"]
+    assert results["proxy_folder_writable"] is False
+    assert results["key_in_env"] is False
+    assert scan_database(database, UPSTREAM_KEY) == []
+
+
+LOOP = r"""
+import json, os, time, urllib.error, urllib.request
+open("STARTED.md", "w").write("the agent began\n")
+while True:  # on and on, whatever the proxy answers: only its worker can stop it
+    call = urllib.request.Request(
+        os.environ["OPENAI_BASE_URL"] + "/chat/completions",
+        data=json.dumps({"model": "fake-model", "messages": [{"role": "user", "content": "go"}]}
+                        ).encode(),
+        headers={"authorization": "Bearer " + os.environ["OPENAI_API_KEY"],
+                 "content-type": "application/json"},
+    )
+    try:
+        urllib.request.urlopen(call, timeout=10).close()
+    except urllib.error.HTTPError:
+        pass
+    time.sleep(0.1)
+"""
+
+
+class LoopingAgent(ProbeAgent):
+    def __init__(self) -> None:
+        super().__init__([])
+
+    async def run(
+        self,
+        workspace: Workspace,
+        *,
+        prompt: str,
+        options: dict[str, Any],
+        on_line: LineSink,
+        timeout_s: float,
+        llm: LlmAccess | None = None,
+    ) -> int:
+        assert llm is not None
+        script = await workspace.write_scratch("loop.py", LOOP)
+        env = {**BASE_ENV, "OPENAI_BASE_URL": llm.openai_base_url, "OPENAI_API_KEY": llm.token}
+        return await workspace.exec(
+            ["python3", script], env=env, on_line=on_line, timeout_s=timeout_s
+        )
+
+
+async def test_a_budget_crossed_in_docker_stops_the_agent_and_keeps_its_patch(
+    engine: None, database: str, git_repo: Path, tmp_path: Path
+) -> None:
+    run = await run_in_docker(LoopingAgent(), database, git_repo, tmp_path, max_tokens=200)
+    assert run.error is not None and run.error["code"] == "budget_exceeded", run.error
+    assert run.model_calls == 3  # 82 tokens a call: the third one crossed 200
+    assert "STARTED.md" in (run.patch or "")
+    assert run.finished_at is not None and run.started_at is not None
+    assert (run.finished_at - run.started_at).total_seconds() < 60  # not its 120 s timeout
+
+
+async def run_in_docker(
+    agent: ProbeAgent, database: str, repo: Path, tmp_path: Path, **budget: Any
+) -> Run:
+    """Runs one request with agent in a Docker workspace, through a worker of its own and the
+    fake provider (77 + 5 tokens a call); the run once it ended."""
     nats = start_nats(tmp_path / "nats")
-    async with FakeUpstream(Script(fallback=Turn(text="ok", input_tokens=77, output_tokens=5)),
-                            api_key=UPSTREAM_KEY) as fake:  # fmt: skip
+    fake = FakeUpstream(
+        Script(fallback=Turn(text="ok", input_tokens=77, output_tokens=5)), api_key=UPSTREAM_KEY
+    )
+    async with fake:
         settings = Settings(
             data_dir=tmp_path / "data",
             nats_url=nats.url,
@@ -184,7 +262,7 @@ async def test_an_llm_workspace_reaches_the_proxy_and_nothing_else(
                 Servers(nats_url=nats.url, database_url=database),
                 stop,
                 roles=frozenset({"worker", "relay", "projector"}),
-                agents={"shell": ProbeAgent(targets)},
+                agents={"shell": agent},
                 on_ready=lambda port: ready.set(),
             )
         )
@@ -196,7 +274,7 @@ async def test_an_llm_workspace_reaches_the_proxy_and_nothing_else(
             await eventually(lambda: ready.is_set() or services.done(), 900, "the worker")
             assert not services.done(), services
             run_id = uuid.uuid4()
-            spec = RequestSpec(repo=str(git_repo), prompt="probe", timeout_s=120)
+            spec = RequestSpec(repo=str(repo), prompt="go", timeout_s=120, **budget)
             await publish_command(
                 js,
                 SubmitRequest(
@@ -209,26 +287,11 @@ async def test_an_llm_workspace_reaches_the_proxy_and_nothing_else(
                 run: Run = await in_thread(app.get_run, run_id)
                 return run if run.is_terminal else None
 
-            run: Run = await eventually(ended, 120, "the probe run to end")
+            run: Run = await eventually(ended, 120, "the run to end")
         finally:
             stop.set()
             await asyncio.wait_for(services, 60)
             await nc.close()
             nats.stop()
             app.close()
-        assert run.status is RunStatus.SUCCEEDED, run.error
-        results = probe_results(run.patch or "")
-        assert results["interfaces"] == ["lo"]
-        assert results["proxy_health"] == 200
-        assert results["model_call"] == [200, 77]
-        assert run.model_calls == 1 and run.input_tokens == 77
-        for target in targets:
-            assert results["reached"][target].startswith("OSError: Network is unreachable"), (
-                target,
-                results["reached"][target],
-            )
-        assert results["docker_socket"] is False
-        assert results["proxy_folder"] == ["llm.sock"]
-        assert results["proxy_folder_writable"] is False
-        assert results["key_in_env"] is False
-        assert scan_database(database, UPSTREAM_KEY) == []
+    return run
