@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import secrets
 import shutil
 import tempfile
@@ -68,6 +69,16 @@ def describe(config: ProxyConfig) -> str:
     return ", ".join(offered) or "no provider configured (FORGELINE_LLM_*_API_KEY)"
 
 
+def _socket_dir(settings: Settings) -> Path:
+    """A folder of this worker's own, with a short path (a unix socket's is at most 107 bytes)."""
+    if settings.llm_proxy_socket_dir is None:
+        return Path(tempfile.mkdtemp(prefix="fl-llm-", dir="/tmp"))
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", settings.worker_name)[:64].lstrip(".") or "worker"
+    folder = settings.llm_proxy_socket_dir / name
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 @dataclass
 class WorkerLlmProxy:
     """The proxy of one worker process: made before the workspaces (Docker workspaces mount
@@ -85,7 +96,7 @@ class WorkerLlmProxy:
     def create(cls, settings: Settings, app: Forgeline, database_url: str) -> WorkerLlmProxy:
         tokens = RunTokens(proxy_secret(database_url))
         config = proxy_config(settings)
-        socket_dir = Path(tempfile.mkdtemp(prefix="fl-llm-", dir="/tmp"))
+        socket_dir = _socket_dir(settings)
         return cls(LlmProxy(app, tokens, config), tokens, socket_dir, describe(config), settings)
 
     def listen(self, provisioner: str) -> LlmGrants:

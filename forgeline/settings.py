@@ -78,6 +78,10 @@ class Settings(BaseSettings):
     # Where the proxy listens for local workspaces (Docker workspaces use a unix socket).
     llm_proxy_host: str = "127.0.0.1"
     llm_proxy_port: int = Field(default=0, ge=0, le=65535)  # 0: a free port
+    # Where the proxy's unix socket folder for Docker workspaces is made (one subfolder per
+    # worker); the engine bind-mounts it, so a worker in a container needs it at the same path
+    # on the host (docker-compose.yml). Default: a fresh folder under /tmp.
+    llm_proxy_socket_dir: Path | None = None
 
     # Client commands (submit, status, logs, ...) talk HTTP to this gateway.
     url: str = "http://127.0.0.1:8080"
