@@ -278,3 +278,17 @@ async def test_agents_are_listed_with_their_option_schemas(stack: Stack) -> None
     assert by_name["shell"]["needs_llm"] is False and by_name["codex"]["needs_llm"] is True
     assert by_name["codex"]["options_schema"]["properties"]["model"]["type"] == "string"
     assert by_name["command"]["options_schema"]["required"] == ["argv"]
+
+
+async def test_a_real_agent_past_its_token_budget_is_stopped_as_budget_exceeded(
+    stack: Stack, git_repo: Path
+) -> None:
+    # Codex's first call alone is thousands of input tokens: the budget is spent after it.
+    body = {"repo": str(git_repo), "prompt": f"Write {EDITED}.", "agent": "codex",
+            "max_tokens": 500, "timeout_s": 300}  # fmt: skip
+    answer = await stack.http.post("/v1/requests", json=body)
+    assert answer.status_code == 202, answer.text
+    run = await _finished(stack, str(answer.json()["request_id"]))
+    assert run["status"] == "failed"
+    assert run["error"]["code"] == "budget_exceeded", run["error"]
+    assert run["usage"]["input_tokens"] + run["usage"]["output_tokens"] > 500
