@@ -2,7 +2,8 @@
 real LLM proxy, against the scripted fake provider: each makes an edit, the patch applies, the
 usage recorded equals what the provider reported (and what the agent printed), the provider's
 key is nowhere in the store, the streams or the logs, and the run's token never reached the
-provider. Everything runs as a user would: HTTP to the gateway of `run_services`.
+provider; a run past its token budget is stopped. Everything runs as a user would: HTTP to the
+gateway of `run_services`.
 
 Each test prints the agent's overhead before its first model call (RunStarted to the fake's
 first request) and its whole run; `pytest -s` shows them (docs/agents.md quotes them).
