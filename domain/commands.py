@@ -18,6 +18,8 @@ MAX_LABELS = 32
 MAX_TIMEOUT_S = 86_400
 DEFAULT_TIMEOUT_S = 3_600
 DEFAULT_PRIORITY = 3
+MAX_BUDGET_USD = 100_000.0
+MAX_BUDGET_TOKENS = 1_000_000_000
 
 _REMOTE_URL = re.compile(r"^(https?|ssh|git)://[^\s/]+(/\S*)?$")
 _SCP_URL = re.compile(r"^[\w.-]+@[\w.-]+:\S+$")  # git@host:owner/repo.git
@@ -65,6 +67,12 @@ class RequestSpec(_Frozen):
     priority: Annotated[int, Field(ge=1, le=5)] = DEFAULT_PRIORITY
     timeout_s: Annotated[int, Field(ge=1, le=MAX_TIMEOUT_S)] = DEFAULT_TIMEOUT_S
     labels: dict[str, Annotated[str, Field(max_length=256)]] = Field(default_factory=dict)
+    # What each run may spend on models through the LLM proxy (docs/llm-proxy.md); past it the
+    # run fails `budget_exceeded`. Strict: a string or a boolean is refused, not converted.
+    budget_usd: (
+        Annotated[float, Field(gt=0, le=MAX_BUDGET_USD, strict=True, allow_inf_nan=False)] | None
+    ) = None
+    max_tokens: Annotated[int, Field(ge=1, le=MAX_BUDGET_TOKENS, strict=True)] | None = None
 
     @field_validator("repo")
     @classmethod
@@ -103,10 +111,7 @@ class RequestSpec(_Frozen):
         agent = AGENTS.get(info.data.get("agent", DEFAULT_AGENT))
         if agent is None:
             return value  # the agent field reports the unknown agent
-        allowed = set(agent.options_schema.get("properties", {}))
-        unknown = sorted(set(value) - allowed)
-        if unknown:
-            raise ValueError(f"agent {agent.name!r} takes no option(s) {', '.join(unknown)}")
+        agent.validate_options(value)  # each agent's schema (domain/agents.py): ValueError
         return value
 
 

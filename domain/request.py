@@ -11,6 +11,8 @@ from domain.commands import RequestSpec
 from domain.errors import RunStillActive
 from domain.run import Run
 
+_RUN_BUDGET = {"budget_usd", "max_tokens"}
+
 
 class Request(Aggregate):
     class RequestSubmitted(Aggregate.Created):
@@ -96,7 +98,8 @@ class Request(Aggregate):
             idempotency_key=idempotency_key,
             first_run_id=run_id,
             submitted_by=submitted_by,
-            **spec.model_dump(),
+            # The budget is the runs' (Run.BudgetSet): RequestSubmitted keeps its schema.
+            **spec.model_dump(exclude=_RUN_BUDGET),
         )
         run = Run.queue(
             run_id=run_id,
@@ -105,6 +108,8 @@ class Request(Aggregate):
             agent=spec.agent,
             prompt=spec.prompt,
             timeout_s=spec.timeout_s,
+            budget_usd=spec.budget_usd,
+            max_tokens=spec.max_tokens,
         )
         return request, run
 
@@ -141,4 +146,7 @@ class Request(Aggregate):
             prompt=prompt if prompt is not None else self.prompt,
             timeout_s=self.timeout_s,
             base_run_id=latest.id if latest.has_patch else latest.base_run_id,
+            # Each run of a request gets the budget the request was submitted with.
+            budget_usd=latest.budget_usd,
+            max_tokens=latest.max_tokens,
         )

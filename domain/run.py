@@ -107,6 +107,34 @@ class Run(Aggregate):
             run.status = RunStatus.CANCELLED
             run.finished_at = self.timestamp
 
+    class BudgetSet(Aggregate.Event):
+        """What the run may spend on models (recorded right after RunQueued, when set)."""
+
+        budget_usd: float | None
+        max_tokens: int | None
+
+        def apply(self, run: Run) -> None:
+            run.budget_usd = self.budget_usd
+            run.max_tokens = self.max_tokens
+
+    class UsageRecorded(Aggregate.Event):
+        """One model call through the LLM proxy, with the run's totals after it."""
+
+        provider: str  # openai | anthropic
+        model: str
+        input_tokens: int
+        output_tokens: int
+        cost_usd: float
+        total_input_tokens: int
+        total_output_tokens: int
+        total_cost_usd: float
+
+        def apply(self, run: Run) -> None:
+            run.input_tokens = self.total_input_tokens
+            run.output_tokens = self.total_output_tokens
+            run.cost_usd = self.total_cost_usd
+            run.model_calls += 1
+
     class RunRequeued(Aggregate.Event):
         """The attempt was handed back (worker lost, worker stopping, infrastructure down);
         the run waits for another attempt."""
@@ -168,6 +196,12 @@ class Run(Aggregate):
         self.cancel_requested = False
         self.lost_count = 0  # attempts whose worker was lost (RunRequeued cause worker_lost)
         self.infra_retries = 0  # attempts handed back because the infrastructure failed
+        self.budget_usd: float | None = None
+        self.max_tokens: int | None = None
+        self.model_calls = 0  # usage survives a requeue: it is money spent all the same
+        self.input_tokens = 0
+        self.output_tokens = 0
+        self.cost_usd = 0.0
 
     @classmethod
     def queue(
@@ -180,8 +214,10 @@ class Run(Aggregate):
         prompt: str,
         timeout_s: int,
         base_run_id: UUID | None = None,
+        budget_usd: float | None = None,
+        max_tokens: int | None = None,
     ) -> Run:
-        return cls._create(
+        run = cls._create(
             cls.RunQueued,
             id=run_id,
             request_id=request_id,
@@ -191,6 +227,9 @@ class Run(Aggregate):
             timeout_s=timeout_s,
             base_run_id=base_run_id,
         )
+        if budget_usd is not None or max_tokens is not None:
+            run.trigger_event(cls.BudgetSet, budget_usd=budget_usd, max_tokens=max_tokens)
+        return run
 
     # -- decisions -----------------------------------------------------------------------
 
@@ -201,6 +240,44 @@ class Run(Aggregate):
     @property
     def has_patch(self) -> bool:
         return self.patch_sha256 is not None
+
+    @property
+    def has_usage(self) -> bool:
+        return self.model_calls > 0
+
+    @property
+    def over_budget(self) -> bool:
+        """True once the recorded usage went past the run's budget (cost or tokens)."""
+        over_cost = self.budget_usd is not None and self.cost_usd > self.budget_usd
+        tokens = self.input_tokens + self.output_tokens
+        return over_cost or (self.max_tokens is not None and tokens > self.max_tokens)
+
+    def budget_summary(self) -> str:
+        parts = []
+        if self.budget_usd is not None:
+            parts.append(f"${self.cost_usd:.4f} of ${self.budget_usd:g}")
+        if self.max_tokens is not None:
+            parts.append(f"{self.input_tokens + self.output_tokens} of {self.max_tokens} tokens")
+        return ", ".join(parts) or "no budget"
+
+    def record_usage(
+        self, *, provider: str, model: str, input_tokens: int, output_tokens: int, cost_usd: float
+    ) -> None:
+        self._require(RunAction.RECORD_USAGE)
+        if input_tokens < 0 or output_tokens < 0 or cost_usd < 0:
+            raise ValueError("usage cannot be negative")
+        self.trigger_event(
+            self.UsageRecorded,
+            provider=provider,
+            model=model,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            cost_usd=cost_usd,
+            total_input_tokens=self.input_tokens + input_tokens,
+            total_output_tokens=self.output_tokens + output_tokens,
+            # Rounded to micro-dollars so the totals add up the same everywhere they are read.
+            total_cost_usd=round(self.cost_usd + cost_usd, 6),
+        )
 
     def start_provisioning(self, worker: str) -> None:
         self._require(RunAction.START_PROVISIONING)

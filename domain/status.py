@@ -37,6 +37,7 @@ class RunAction(StrEnum):
     CANCEL = "be cancelled"
     REQUEST_CANCEL = "take a cancel request"
     REQUEUE = "be requeued"
+    RECORD_USAGE = "record model usage"
 
 
 _S = RunStatus
@@ -55,6 +56,10 @@ ALLOWED_ACTIONS: dict[RunStatus, frozenset[RunAction]] = {
     _S.FAILED: frozenset(),
     _S.CANCELLED: frozenset(),
 }
+# Model usage is money spent: it is recorded whenever the LLM proxy sees it, in any status
+# (a call still streaming when its attempt was handed back, or when the run ended).
+for _status in RunStatus:
+    ALLOWED_ACTIONS[_status] = ALLOWED_ACTIONS[_status] | {_A.RECORD_USAGE}
 
 
 class FailureCode(StrEnum):
@@ -67,6 +72,7 @@ class FailureCode(StrEnum):
     WORKSPACE_UNAVAILABLE = "workspace_unavailable"
     PATCH_TOO_LARGE = "patch_too_large"
     WORKER_LOST = "worker_lost"
+    BUDGET_EXCEEDED = "budget_exceeded"
     INTERNAL = "internal_error"
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +26,7 @@ from broker.consumer import consume, durable_config
 from broker.relay import Relay
 from broker.streams import StreamSettings, ensure_streams
 from domain.application import Forgeline
+from forgeline.llm_proxy import WorkerLlmProxy
 from forgeline.process_metrics import RoleMetrics, serve_metrics
 from forgeline.provisioning import Workspaces, open_workspaces
 from forgeline.settings import Settings, eventsourcing_env
@@ -36,7 +37,8 @@ from gateway import idempotency
 from gateway import keys as api_keys
 from gateway.app import create_app
 from gateway.deps import GatewayDeps
-from handlers.agents.shell import ShellAgent
+from handlers.agents import all_agents
+from handlers.agents.base import Agent
 from handlers.breaker import EngineBreaker
 from handlers.commands import command_message_handler
 from handlers.execution import Executor, ExecutorSettings
@@ -153,6 +155,7 @@ async def run_services(
     status: dict[str, str] | None = None,
     progress: Callable[[str], None] = log.info,
     on_first_key: Callable[[str], None] | None = None,
+    agents: Mapping[str, Agent] | None = None,
 ) -> None:
     """Runs the roles until stop is set or one of them fails; then closes everything.
 
@@ -161,7 +164,8 @@ async def run_services(
     shows long start-up work (building the workspace image). on_first_key, when given, is
     handed the secret of a first admin key made because the store holds no key at all (once:
     never again on this store), before on_ready; without it no such key is made. With
-    settings.admin_key (FORGELINE_ADMIN_KEY), that key is made an admin key instead.
+    settings.admin_key (FORGELINE_ADMIN_KEY), that key is made an admin key instead. agents,
+    when given, replaces the agent adapters a worker runs (tests).
     """
     app = await anyio.to_thread.run_sync(open_store, servers.database_url, settings.cipher_key)
     try:
@@ -175,6 +179,7 @@ async def run_services(
     pool: AsyncConnectionPool[Any] | None = None
     pools: list[AsyncConnectionPool[Any]] = []
     workspaces: Workspaces | None = None
+    llm_proxy: WorkerLlmProxy | None = None
     try:
         await ensure_streams(js, StreamSettings(replicas=settings.stream_replicas))
         projector = ProjectionRunner(app, servers.database_url)
@@ -183,15 +188,22 @@ async def run_services(
             projector.close()  # its connection served the tables only
         if "worker" in roles:  # first: it may fail (no engine, no image) before anything runs
             installation = await anyio.to_thread.run_sync(installation_id, servers.database_url)
-            workspaces = await open_workspaces(settings, app, installation, progress)
+            llm_proxy = await anyio.to_thread.run_sync(
+                WorkerLlmProxy.create, settings, app, servers.database_url
+            )
+            workspaces = await open_workspaces(
+                settings, app, installation, progress, llm_socket_dir=llm_proxy.socket_dir
+            )
+            llm_proxy.listen(workspaces.provisioner.name)
             if status is not None:
                 status["workspaces"] = workspaces.description
+                status["llm_proxy"] = llm_proxy.description
         jobs: list[Coroutine[Any, Any, None]] = []
         if "projector" in roles:
             jobs.append(projector.run(stop))
         if "relay" in roles:
             jobs.append(Relay(app, js).run(stop))
-        if workspaces is not None:
+        if workspaces is not None and llm_proxy is not None:
             queue_pool = AsyncConnectionPool(
                 servers.database_url,
                 min_size=1,
@@ -201,7 +213,16 @@ async def run_services(
             )
             await queue_pool.open()
             pools.append(queue_pool)
-            jobs += await _worker_jobs(settings, app, js, stop, workspaces, queue_pool)
+            jobs += await _worker_jobs(
+                settings,
+                app,
+                js,
+                stop,
+                workspaces,
+                queue_pool,
+                llm_proxy,
+                agents or default_agents(),
+            )
         if "gateway" in roles:
             pool = AsyncConnectionPool(servers.database_url, min_size=1, max_size=10, open=False)
             await pool.open()
@@ -228,6 +249,8 @@ async def run_services(
             )
         await _run_until_stopped(jobs, stop)
     finally:
+        if llm_proxy is not None:
+            await llm_proxy.close()
         if workspaces is not None:
             await workspaces.close()
         if pool is not None:
@@ -268,6 +291,10 @@ async def _start_up_keys(
         on_first_key(done.first_secret)
 
 
+def default_agents() -> dict[str, Agent]:
+    return all_agents()
+
+
 async def _worker_jobs(
     settings: Settings,
     app: Forgeline,
@@ -275,6 +302,8 @@ async def _worker_jobs(
     stop: asyncio.Event,
     workspaces: Workspaces,
     queue_pool: AsyncConnectionPool[Any],
+    llm_proxy: WorkerLlmProxy,
+    agents: Mapping[str, Agent],
 ) -> list[Coroutine[Any, Any, None]]:
     provisioner = workspaces.provisioner
     probe = getattr(provisioner, "ping", None)  # engines that can be down: Docker
@@ -282,7 +311,7 @@ async def _worker_jobs(
         app,
         js,
         provisioner,
-        {"shell": ShellAgent()},
+        agents,
         ExecutorSettings(
             worker=settings.worker_name,
             slots=settings.worker_slots,
@@ -306,6 +335,7 @@ async def _worker_jobs(
             probe_interval_s=settings.engine_probe_interval_s,
         ),
         discard=getattr(provisioner, "discard", None),
+        llm=llm_proxy.grants,
     )
     commands = consume(
         js,
@@ -315,7 +345,7 @@ async def _worker_jobs(
         stop,
         retry=HANDLER_RETRY,
     )
-    return [commands, executor.run(stop), workspaces.reap_forever(stop)]
+    return [commands, executor.run(stop), workspaces.reap_forever(stop), llm_proxy.serve(stop)]
 
 
 async def _serve_http(

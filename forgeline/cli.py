@@ -189,6 +189,7 @@ def _print_banner(
                 "  WARNING    local workspaces are NOT isolated: agents run as this user on this"
                 " machine. Use them only for trusted agents, or start a Docker engine."
             )
+        lines.append(f"  LLM proxy  {status.get('llm_proxy', '?')} (docs/llm-proxy.md)")
     lines.append("Press Ctrl-C to stop.")
     print("\n".join(lines), file=sys.stderr, flush=True)
 

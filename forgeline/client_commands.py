@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -28,10 +29,22 @@ def add_parsers(sub: Any) -> None:
     prompt.add_argument("--prompt", help="the prompt (for agent shell: a bash script)")
     prompt.add_argument("--prompt-file", type=Path, help="read the prompt from a file")
     p.add_argument("--agent", default=None, help="agent name (default: shell)")
+    p.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an agent option (docs/agents.md); VALUE is read as JSON when it parses "
+        '(20, true, ["a", "b"]), else as a string',
+    )
     p.add_argument("--ref", default=None, help="branch, tag or commit (default: HEAD)")
     p.add_argument("--priority", type=int, default=None, help="1 (highest) to 5, default 3")
     p.add_argument("--timeout", type=int, default=None, dest="timeout_s", help="seconds")
     p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--budget-usd", type=float, default=None, help="each run's model budget, in USD")
+    p.add_argument(
+        "--max-tokens", type=int, default=None, help="each run's model budget, in tokens"
+    )
     p.add_argument("--idempotency-key", default=None)
     p.add_argument("--wait", action="store_true", help="follow the run until it ends")
     p.set_defaults(handler=_submit)
@@ -85,16 +98,26 @@ def _guarded(run: Any) -> Any:
 def _submit(client: ForgelineClient, args: argparse.Namespace) -> int:
     prompt = args.prompt if args.prompt is not None else args.prompt_file.read_text()
     body: dict[str, Any] = {"repo": args.repo, "prompt": prompt}
-    for key in ("agent", "ref", "priority", "timeout_s"):
+    for key in ("agent", "ref", "priority", "timeout_s", "budget_usd", "max_tokens"):
         if getattr(args, key) is not None:
             body[key] = getattr(args, key)
     if args.label:
         body["labels"] = dict(label.split("=", 1) for label in args.label if "=" in label)
+    if args.option:
+        body["agent_options"] = dict(_option(option) for option in args.option)
     accepted = client.submit(body, idempotency_key=args.idempotency_key)
     _out.print(f"request {accepted['request_id']}  run {accepted['run_id']}")
     if not args.wait:
         return 0
     return follow_run(client, accepted["request_id"], accepted["run_id"])
+
+
+def _option(text: str) -> tuple[str, Any]:
+    key, _, value = text.partition("=")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
 
 
 @_guarded
@@ -141,6 +164,12 @@ def _print_outcome(request: dict[str, Any], run: dict[str, Any]) -> None:
             f"  patch: {p['files_changed']} file(s), +{p['insertions']} -{p['deletions']},"
             f" sha256 {p['sha256'][:12]}  (forgeline patch {run['id']})"
         )
+    if run.get("usage"):
+        u = run["usage"]
+        _out.print(
+            f"  model usage: {u['input_tokens']} tokens in, {u['output_tokens']} out,"
+            f" ${u['cost_usd']:.4f}"
+        )
 
 
 @_guarded
@@ -152,7 +181,7 @@ def _status(client: ForgelineClient, args: argparse.Namespace) -> int:
             f"  repo {request['repo']} @ {request['ref'] or 'HEAD'}  agent {request['agent']}"
             f"  priority {request['priority']}"
         )
-        table = Table("run", "number", "status", "attempt", "exit", "error", "patch")
+        table = Table("run", "number", "status", "attempt", "exit", "error", "patch", "cost")
         for run in request["runs"]:
             patch = run["patch"]
             table.add_row(
@@ -163,6 +192,7 @@ def _status(client: ForgelineClient, args: argparse.Namespace) -> int:
                 "" if run["exit_code"] is None else str(run["exit_code"]),
                 run["error"]["code"] if run["error"] else "",
                 f"+{patch['insertions']} -{patch['deletions']}" if patch else "",
+                f"${run['usage']['cost_usd']:.4f}" if run.get("usage") else "",
             )
         _out.print(table)
         return 0

@@ -17,8 +17,10 @@ from rich.live import Live
 from rich.syntax import Syntax
 from rich.table import Table
 
+from forgeline import demo_llm
 from forgeline.bootstrap import Servers, run_services, running_servers
 from forgeline.client import ForgelineClient
+from forgeline.fake_llm import FakeUpstream
 from forgeline.settings import Settings
 from gateway import keys
 
@@ -73,6 +75,7 @@ def run_demo(data_dir: Path | None) -> int:
         data_dir=data_dir or workdir / "data",
         port=0,
         log_level="WARNING",
+        rate_limit_per_min=0,  # the demo's own key watches many requests at once
         admin_key=SecretStr(secret),
     )
     console.rule("[bold]Forgeline demo")
@@ -84,6 +87,22 @@ def run_demo(data_dir: Path | None) -> int:
 
 
 async def _demo(settings: Settings, servers: Servers, workdir: Path) -> int:
+    async with FakeUpstream(demo_llm.fake_script()) as fake:
+        console.print(f"LLM agents call a {demo_llm.LABEL} at {fake.url}, through the LLM proxy")
+        key = SecretStr(demo_llm.DEMO_UPSTREAM_KEY)
+        settings = settings.model_copy(
+            update={
+                "llm_openai_base_url": f"{fake.url}/v1",
+                "llm_openai_api_key": key,
+                "llm_anthropic_base_url": fake.url,
+                "llm_anthropic_api_key": key,
+                "llm_prices": demo_llm.DEMO_PRICES,
+            }
+        )
+        return await _demo_services(settings, servers, workdir)
+
+
+async def _demo_services(settings: Settings, servers: Servers, workdir: Path) -> int:
     assert settings.admin_key is not None
     secret = settings.admin_key.get_secret_value()
     stop = asyncio.Event()
@@ -103,7 +122,10 @@ async def _demo(settings: Settings, servers: Servers, workdir: Path) -> int:
         port = await asyncio.wait_for(asyncio.shield(ready), 600)
         console.print(f"gateway on http://127.0.0.1:{port}")
         console.print(f"workspaces: {status.get('workspaces', '?')}")
-        return await asyncio.to_thread(_scenario, f"http://127.0.0.1:{port}", workdir, secret)
+        in_docker = status.get("workspaces", "").startswith("docker")
+        return await asyncio.to_thread(
+            _scenario, f"http://127.0.0.1:{port}", workdir, secret, in_docker
+        )
     finally:
         stop.set()
         await services
@@ -119,13 +141,24 @@ async def _forget_key(database_url: str, secret: str) -> None:
         await keys.delete_key(conn, secret)
 
 
-def _scenario(url: str, workdir: Path, api_key: str) -> int:
+def _scenario(url: str, workdir: Path, api_key: str, in_docker: bool) -> int:
     repo = _sample_repo(workdir / "sample-repo")
     console.print(f"sample repository: {repo}")
     with ForgelineClient(url, api_key) as client:
         shout = client.submit({"repo": str(repo), "prompt": ADD_SHOUT, "labels": {"demo": "1"}})
         broken = client.submit({"repo": str(repo), "prompt": FAILING, "labels": {"demo": "1"}})
-        tracked = {"add shout option": shout["request_id"], "failing script": broken["request_id"]}
+        llm = client.submit(demo_llm.llm_request(str(repo), budget_usd=0.05))
+        capped = client.submit(demo_llm.llm_request(str(repo), max_tokens=1000))
+        tracked = {
+            "add shout option": shout["request_id"],
+            "failing script": broken["request_id"],
+            f"LLM agent, {demo_llm.LABEL}": llm["request_id"],
+            "LLM agent, max_tokens 1000": capped["request_id"],
+        }
+        mini = None
+        if in_docker:  # the workspace image holds the real agent CLIs
+            mini = client.submit(demo_llm.mini_swe_agent_request(str(repo)))
+            tracked[f"mini-swe-agent, {demo_llm.LABEL}"] = mini["request_id"]
         _watch(client, tracked)
         rerun = client.rerun(shout["request_id"], FOLLOW_UP)
         tracked["rerun: document it"] = shout["request_id"]
@@ -134,6 +167,8 @@ def _scenario(url: str, workdir: Path, api_key: str) -> int:
 
         first, latest = client.run(shout["run_id"]), client.run(rerun["run_id"])
         failed = client.run(broken["run_id"])
+        llm_run, capped_run = client.run(llm["run_id"]), client.run(capped["run_id"])
+        llm_patch = _show_llm_runs(client, llm_run, capped_run)
         patch = client.patch(rerun["run_id"])
         console.rule("patch of the rerun (cumulative)")
         console.print(Syntax(patch, "diff", theme="ansi_dark", background_color="default"))
@@ -147,10 +182,38 @@ def _scenario(url: str, workdir: Path, api_key: str) -> int:
             and "shout" in patch
             and "Shouting" in patch,
             "the patch applies to a clean clone": applies,
+            f"LLM agent ({demo_llm.LABEL}) succeeded with a patch": llm_run["status"] == "succeeded"
+            and '"""The greeting' in llm_patch,
+            "its usage was recorded on the run": bool(llm_run["usage"])
+            and llm_run["usage"]["input_tokens"] == 1450 + 1720,
+            "the capped LLM run ended budget_exceeded": (capped_run["error"] or {}).get("code")
+            == "budget_exceeded",
         }
+        if mini is not None:
+            mini_run = client.run(mini["run_id"])
+            console.print(
+                f"  mini-swe-agent: {mini_run['status']}; usage: {demo_llm.usage_line(mini_run)}"
+            )
+            mini_patch = client.patch(mini["run_id"]) if mini_run["patch"] else ""
+            checks["mini-swe-agent (real CLI) made the same edit"] = '"""The greeting' in mini_patch
         for name, ok in checks.items():
             console.print(f"  {'[green]ok[/green]' if ok else '[red]FAILED[/red]'}  {name}")
         return 0 if all(checks.values()) else 1
+
+
+def _show_llm_runs(
+    client: ForgelineClient, llm_run: dict[str, Any], capped_run: dict[str, Any]
+) -> str:
+    """Shows the LLM runs' usage and the first one's patch; returns that patch."""
+    console.print()
+    console.rule(f"LLM agent runs ({demo_llm.LABEL}, through the LLM proxy)")
+    for name, run in (("budget_usd 0.05", llm_run), ("max_tokens 1000", capped_run)):
+        error = run["error"] or {}
+        outcome = run["status"] + (f" {error.get('code')}: {error.get('message')}" if error else "")
+        console.print(f"  {name}: {outcome}; usage: {demo_llm.usage_line(run)}")
+    llm_patch = client.patch(llm_run["id"]) if llm_run["patch"] else ""
+    console.print(Syntax(llm_patch, "diff", theme="ansi_dark", background_color="default"))
+    return llm_patch
 
 
 def _watch(client: ForgelineClient, tracked: dict[str, str]) -> None:
@@ -162,7 +225,7 @@ def _watch(client: ForgelineClient, tracked: dict[str, str]) -> None:
             live.update(_table(rows))
             if all(status in TERMINAL for _, status in rows) or time.monotonic() > deadline:
                 return
-            time.sleep(0.1)
+            time.sleep(0.25)
 
 
 def _table(rows: list[tuple[str, str]]) -> Table:

@@ -7,6 +7,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from uuid import UUID
 
 import aiodocker
@@ -82,11 +83,15 @@ async def open_workspaces(
     app: Forgeline,
     installation: str,
     progress: Callable[[str], None] = log.info,
+    llm_socket_dir: Path | None = None,
 ) -> Workspaces:
+    """llm_socket_dir: the LLM proxy's socket folder, mounted into LLM agents' workspaces."""
     if settings.provisioner in ("auto", "docker"):
         docker = await _engine(settings)
         if docker is not None:
-            return await _docker_workspaces(settings, app, installation, docker, progress)
+            return await _docker_workspaces(
+                settings, app, installation, docker, progress, llm_socket_dir
+            )
         if settings.provisioner == "docker":
             raise DockerRequired(
                 "FORGELINE_PROVISIONER=docker but no Docker engine answers at "
@@ -124,6 +129,7 @@ async def _docker_workspaces(
     installation: str,
     docker: aiodocker.Docker,
     progress: Callable[[str], None],
+    llm_socket_dir: Path | None = None,
 ) -> Workspaces:
     from forgeline.image_commands import cache_dir
     from handlers.workspaces.image import ensure_image  # only where Docker is used
@@ -152,6 +158,7 @@ async def _docker_workspaces(
         worker=settings.worker_name,
         installation=installation,
         scratch_dir=settings.workspaces_dir,
+        llm_socket_dir=llm_socket_dir,
     )
     workspaces = Workspaces(
         provisioner,

@@ -42,7 +42,7 @@ class Settings(BaseSettings):
     provisioner: Literal["auto", "docker", "local"] = "auto"
     docker_url: str | None = None  # default: DOCKER_HOST or the local socket
     # The workspace image: used when present, else pulled, else built offline (debootstrap).
-    workspace_image: str = "forgeline/workspace:bookworm-1"
+    workspace_image: str = "forgeline/workspace:bookworm-2"
     debian_mirror: str | None = None  # default: the first Debian mirror in apt's sources
     workspace_cpus: float = Field(default=2.0, gt=0)
     workspace_memory_mb: int = Field(default=2048, ge=64)
@@ -80,6 +80,24 @@ class Settings(BaseSettings):
     rate_limit_burst: int = Field(default=100, ge=1)
     # Browser origins allowed to call the API (CORS), comma-separated; none by default.
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    # The LLM proxy (docs/llm-proxy.md): the providers LLM agents' calls go to, with the real
+    # keys (secrets: never logged, never recorded). A provider without a key is not offered.
+    llm_openai_base_url: str = "https://api.openai.com/v1"
+    llm_openai_api_key: SecretStr | None = None
+    llm_anthropic_base_url: str = "https://api.anthropic.com"
+    llm_anthropic_api_key: SecretStr | None = None
+    # USD per million tokens [input, output] by model-name prefix (JSON); default: a table of
+    # public list prices. Models not in it cost llm_fallback_price.
+    llm_prices: dict[str, tuple[float, float]] | None = None
+    llm_fallback_price: tuple[float, float] = (15.0, 75.0)
+    # Where the proxy listens for local workspaces (Docker workspaces use a unix socket).
+    llm_proxy_host: str = "127.0.0.1"
+    llm_proxy_port: int = Field(default=0, ge=0, le=65535)  # 0: a free port
+    # Where the proxy's unix socket folder for Docker workspaces is made (one subfolder per
+    # worker); the engine bind-mounts it, so a worker in a container needs it at the same path
+    # on the host (docker-compose.yml). Default: a fresh folder under /tmp.
+    llm_proxy_socket_dir: Path | None = None
 
     # Client commands (submit, status, logs, ...) talk HTTP to this gateway.
     url: str = "http://127.0.0.1:8080"

@@ -7,7 +7,7 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Route
 
-from gateway import commands, health, key_routes, logs, reads
+from gateway import agents, commands, health, key_routes, logs, reads
 from gateway.auth import requires
 from gateway.deps import GatewayDeps
 from gateway.errors import EXCEPTION_HANDLERS
@@ -28,6 +28,7 @@ ROUTES = [
     Route("/v1/runs/{id}", VIEWER(reads.get_run), methods=["GET"]),
     Route("/v1/runs/{id}/patch", VIEWER(reads.get_patch), methods=["GET"]),
     Route("/v1/runs/{id}/logs", VIEWER(logs.stream_logs), methods=["GET"]),
+    Route("/v1/agents", VIEWER(agents.list_agents), methods=["GET"]),
     Route("/v1/whoami", VIEWER(key_routes.whoami), methods=["GET"]),
     Route(
         "/v1/dead-letters",

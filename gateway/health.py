@@ -159,13 +159,13 @@ async def _read_model_metrics(conn: AsyncConnection[Any], out: _Text) -> None:
     )
     usage = await cur.fetchall()
     families = [
-        ("forgeline_agent_runs_with_usage", "Runs whose agent reported its usage."),
-        ("forgeline_agent_input_tokens", "Input tokens the agents reported."),
-        ("forgeline_agent_output_tokens", "Output tokens the agents reported."),
-        ("forgeline_agent_cost_usd", "Cost the agents reported, in US dollars."),
+        ("forgeline_agent_runs_with_usage", "Runs that made model calls through the LLM proxy."),
+        ("forgeline_agent_input_tokens", "Input tokens the LLM proxy metered."),
+        ("forgeline_agent_output_tokens", "Output tokens the LLM proxy metered."),
+        ("forgeline_agent_cost_usd", "Cost the LLM proxy metered, in US dollars."),
     ]
     for i, (family, help_text) in enumerate(families, start=1):
-        out.family(family, "gauge", f"{help_text} By agent; no agent reports usage yet (0).")
+        out.family(family, "gauge", f"{help_text} By agent, from the read model.")
         for row in usage:
             out.sample(family, row[i], agent=row[0])
 

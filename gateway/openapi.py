@@ -28,7 +28,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from domain.agents import AGENTS
+from domain.agents import AGENTS, DEFAULT_AGENT
 from domain.commands import MAX_LABELS, RequestSpec, RerunSpec
 from domain.status import REQUEST_STATUSES, RunStatus
 from gateway.errors import ApiError
@@ -93,11 +93,12 @@ class PatchStats(_Shape):
 
 
 class Usage(_Shape):
-    """What the agent consumed; no agent reports it yet, so runs show null."""
+    """The run's model usage through the LLM proxy, totals over its calls (every attempt);
+    null for a run that made no model call (e.g. a shell run)."""
 
-    input_tokens: int | None = None
-    output_tokens: int | None = None
-    cost_usd: float | None = None
+    input_tokens: int
+    output_tokens: int
+    cost_usd: float
 
 
 class RunView(_Shape):
@@ -191,6 +192,17 @@ class ApiKeyList(_Shape):
     items: list[ApiKeyView]
 
 
+class AgentView(_Shape):
+    name: str
+    description: str
+    needs_llm: bool = Field(description="it calls a model, through the LLM proxy")
+    options_schema: dict[str, Any] = Field(description="JSON Schema of its agent_options")
+
+
+class AgentList(_Shape):
+    agents: list[AgentView]
+
+
 class Health(_Shape):
     status: Literal["ok"]
 
@@ -215,6 +227,7 @@ _MODELS: list[type[BaseModel]] = [
     ApiKeyView,
     ApiKeyCreated,
     ApiKeyList,
+    AgentList,
     Health,
     Readiness,
 ]
@@ -396,6 +409,10 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
         ],
     ),
     ("GET", "/v1/whoami"): _op("The calling key", {"200": _json(ApiKeyView, "the key")}),
+    ("GET", "/v1/agents"): _op(
+        "The agents a request may name, with the JSON Schema of their agent_options",
+        {"200": _json(AgentList, "the catalogue")},
+    ),
     ("GET", "/v1/keys"): _op(
         "Every API key, revoked ones included (admin)",
         {"200": _json(ApiKeyList, "the keys, oldest first")},
@@ -514,10 +531,19 @@ def _schemas() -> dict[str, Any]:
     _string_branch(spec["ref"])["pattern"] = _REF_PATTERN
     spec["prompt"]["pattern"] = _NOT_BLANK
     spec["agent"]["enum"] = sorted(AGENTS)
-    options: dict[str, Any] = {}
-    for agent in AGENTS.values():
-        options.update(agent.options_schema.get("properties", {}))
-    spec["agent_options"].update({"properties": options, "additionalProperties": False})
+    # agent_options follow the schema of the agent named (shell when none is).
+    schemas["RequestSpec"]["allOf"] = [
+        {
+            "if": {"properties": {"agent": {"const": agent.name}}, "required": ["agent"]},
+            "then": {"properties": {"agent_options": agent.options_schema}},
+        }
+        for agent in AGENTS.values()
+    ] + [
+        {
+            "if": {"not": {"required": ["agent"]}},
+            "then": {"properties": {"agent_options": AGENTS[DEFAULT_AGENT].options_schema}},
+        }
+    ]
     spec["labels"]["maxProperties"] = MAX_LABELS
     spec["labels"]["propertyNames"] = {"pattern": r"^[A-Za-z0-9][A-Za-z0-9_.\-/]{0,62}$"}
     _string_branch(schemas["RerunSpec"]["properties"]["prompt"])["pattern"] = _NOT_BLANK

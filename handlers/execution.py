@@ -35,6 +35,7 @@ from domain.status import RunStatus
 from handlers import log_context, tracing
 from handlers.agents.base import Agent
 from handlers.breaker import EngineBreaker
+from handlers.proxy.access import LlmGrants
 from handlers.recovery import Discard, LostRunPolicy, Recovery
 from handlers.retry_policy import HANDLER_RETRY
 from handlers.run_attempt import RunAttempt
@@ -81,8 +82,10 @@ class Executor:
         queue: RunQueue,
         breaker: EngineBreaker | None = None,
         discard: Discard | None = None,
+        llm: LlmGrants | None = None,
     ) -> None:
         self.app = app
+        self.llm = llm  # how LLM agents reach the proxy; None: this worker runs none
         self.js = js
         self.provisioner = provisioner
         self.agents = agents

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -18,6 +19,7 @@ from domain.errors import IllegalTransition
 from domain.run import Run
 from domain.status import FailureCode, RequeueCause, RunStatus
 from handlers import log_context, tracing
+from handlers.budget import budget_failure, llm_access
 from handlers.store import decide_on_run_async, load_run
 from handlers.workspaces.base import (
     AgentTimedOut,
@@ -55,6 +57,7 @@ class RunAttempt:
         self._workspace: Workspace | None = None
         self._attempt = run.attempt  # the fencing token: records only while it is current
         self.retry_after_s = 0.0  # when this attempt handed the run back: wait before the next
+        self._over_budget = False  # the agent was stopped because the run's budget is spent
 
     async def go(self) -> None:
         with (
@@ -110,6 +113,8 @@ class RunAttempt:
                 ref=base.base_commit,
                 base_patch=base.patch,
             )
+        # An agent that calls a model gets a workspace whose only network peer is the LLM proxy.
+        spec = dataclasses.replace(spec, llm_proxy=self._x.agents[run.agent].needs_llm)
         await self._system(
             f"provisioning a {self._x.provisioner.name} workspace: "
             f"{request.repo} at {spec.ref or 'HEAD'} (attempt {run.attempt})"
@@ -183,6 +188,7 @@ class RunAttempt:
                     options=options,
                     on_line=self._log.write,
                     timeout_s=run.timeout_s,
+                    llm=llm_access(self._x.llm, agent, run),
                 )
             )
         )
@@ -196,6 +202,11 @@ class RunAttempt:
             current = asyncio.current_task()
             if current is not None and current.cancelling():
                 raise  # the worker is stopping, not the client
+            if self._over_budget:
+                await self._system("the run's budget is spent: the agent was stopped")
+                await workspace.stop_agent()
+                await self._finish(workspace, FailureCode.BUDGET_EXCEEDED, "", None)
+                return
             await self._system("cancelled: the agent was stopped")
             await self._log.flush()
             await self._record(
@@ -216,7 +227,9 @@ class RunAttempt:
         while not agent_task.done():
             await asyncio.sleep(self._x.settings.cancel_poll_s)
             with contextlib.suppress(Exception):
-                if (await load_run(self._x.app, self._run.id)).cancel_requested:
+                latest = await load_run(self._x.app, self._run.id)
+                if latest.cancel_requested or latest.over_budget:
+                    self._over_budget = not latest.cancel_requested
                     agent_task.cancel()
                     return
 
@@ -244,12 +257,14 @@ class RunAttempt:
         def decide(r: Run) -> None:
             if stats:
                 r.record_patch(diff, stats)
-            if failure is None:
+            # A run past its budget fails so, however its agent ended (the patch is kept).
+            code, why = budget_failure(r, failure, message)
+            if code is None:
                 r.succeed(exit_code or 0, self._log.lines, self._log.sha256)
             else:
                 r.fail(
-                    failure,
-                    message,
+                    code,
+                    why,
                     exit_code=exit_code,
                     log_lines=self._log.lines,
                     log_sha256=self._log.sha256,

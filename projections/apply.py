@@ -42,6 +42,15 @@ def _execute(cur: Cursor[Any], query: sql.Composed, params: tuple[Any, ...]) -> 
     cur.execute(query, projectable(params))
 
 
+def usage_view(e: Run.UsageRecorded) -> dict[str, Any]:
+    """The run's usage as GET /v1/runs/{id} shows it: the totals after this call."""
+    return {
+        "input_tokens": e.total_input_tokens,
+        "output_tokens": e.total_output_tokens,
+        "cost_usd": e.total_cost_usd,
+    }
+
+
 class Applier:
     def __init__(self, prefix: str) -> None:
         self._requests, self._runs = tables(prefix)
@@ -56,6 +65,7 @@ class Applier:
             Run.RunFailed: self._run_failed,
             Run.RunCancelled: self._run_cancelled,
             Run.RunRequeued: self._run_requeued,
+            Run.UsageRecorded: self._usage_recorded,
         }
 
     def apply(self, cur: Cursor[Any], event: Any) -> None:
@@ -139,6 +149,9 @@ class Applier:
 
     def _run_requeued(self, cur: Cursor[Any], e: Run.RunRequeued) -> None:
         self._set_run(cur, e, RunStatus.QUEUED, started_at=None, patch=None, diff=None)
+
+    def _usage_recorded(self, cur: Cursor[Any], e: Run.UsageRecorded) -> None:
+        self._set_run(cur, e, None, usage=Jsonb(usage_view(e)))
 
     def _set_run(self, cur: Cursor[Any], e: Any, status: RunStatus | None, **columns: Any) -> None:
         """Updates the run's row and, when its status changed, its request's status."""

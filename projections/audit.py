@@ -20,6 +20,7 @@ from psycopg_pool import AsyncConnectionPool
 from domain.application import EVENTS_TABLE, Forgeline, aggregate_name, event_data, event_type
 from domain.request import Request
 from domain.run import Run
+from projections.apply import usage_view
 
 _EVENTS = sql.Identifier(EVENTS_TABLE)
 _SELECT = sql.SQL(
@@ -302,6 +303,8 @@ def _record_run(info: dict[UUID, dict[str, Any]], run: Run, position: int, event
                 "command_id": event.command_id,
                 "asked_at": at,
             }
+        case Run.UsageRecorded():
+            r["usage"] = usage_view(event)
         case Run.RunSucceeded() | Run.RunFailed() | Run.RunCancelled():
             r["finished_at"] = at
             r["log"] = {"lines": event.log_lines, "sha256": event.log_sha256}

@@ -28,6 +28,7 @@ from domain.application import Forgeline
 from domain.request import Request
 from domain.run import Run
 from domain.status import RunStatus
+from projections.apply import usage_view
 from projections.audit import load_request_events
 from projections.views import _request_view, _run_view
 
@@ -115,6 +116,7 @@ class MemoryApplier:
                 e, RunStatus.CANCELLED, finished_at=e.timestamp
             ),
             Run.RunRequeued: self._run_requeued,
+            Run.UsageRecorded: lambda e: self._set_run(e, None, usage=usage_view(e)),
         }
         self._position = 0
 

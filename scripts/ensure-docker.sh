@@ -43,6 +43,15 @@ if ! command -v debootstrap >/dev/null 2>&1 && [ ! -x /usr/sbin/debootstrap ]; t
     fi
 fi
 
+# npm installs the agent CLIs (Codex, Claude Code) into the image (handlers/workspaces/agent_tools.py).
+if ! command -v npm >/dev/null 2>&1; then
+    if $is_root; then
+        apt_install npm
+    else
+        warn "npm is missing: the workspace image can only be used, not built (sudo apt-get install npm)"
+    fi
+fi
+
 if engine_answers; then
     say "Docker engine answers"
     exit 0

@@ -60,7 +60,14 @@ def record_every_event_type(
 ) -> Scenario:
     """One request and three runs: succeeded after a requeue, cancelled, failed."""
     request_id, run1_id, run2_id, run3_id = scenario_ids(tag)
-    spec = RequestSpec(repo="/srv/repos/sample", ref="main", prompt=prompt, labels={"team": "core"})
+    spec = RequestSpec(
+        repo="/srv/repos/sample",
+        ref="main",
+        prompt=prompt,
+        labels={"team": "core"},
+        budget_usd=2.5,
+        max_tokens=100_000,
+    )
     request, run1 = Request.submit(
         request_id=request_id,
         run_id=run1_id,
@@ -75,6 +82,9 @@ def record_every_event_type(
     run1.start_provisioning("worker-b")
     run1.record_workspace("local", "a" * 40)
     run1.start()
+    run1.record_usage(
+        provider="openai", model="gpt-4o", input_tokens=1200, output_tokens=80, cost_usd=0.0038
+    )
     run1.record_patch(DIFF, PATCH_STATS)
     run1.succeed(0, log_lines=2, log_sha256="b" * 64)
     app.save(run1)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from handlers.agents.base import BASE_ENV
+from handlers.agents.base import BASE_ENV, LlmAccess
 from handlers.workspaces.base import LineSink, Workspace
 
 
 class ShellAgent:
     name = "shell"
+    needs_llm = False
 
     async def run(
         self,
@@ -19,6 +20,7 @@ class ShellAgent:
         options: dict[str, Any],
         on_line: LineSink,
         timeout_s: float,
+        llm: LlmAccess | None = None,
     ) -> int:
         # The script lives outside the repository so it never shows in the patch, and is
         # passed as a file rather than argv, which caps one argument at 128 KiB.

@@ -39,6 +39,8 @@ class WorkspaceSpec:
     # The commit to start from: a rerun pins the first run's base commit; else the ref.
     ref: str | None
     base_patch: str | None = None  # applied on top of ref before the agent runs (reruns)
+    # The agent calls a model: the workspace may reach the LLM proxy, and nothing else.
+    llm_proxy: bool = False
 
 
 class Workspace(Protocol):
@@ -66,6 +68,11 @@ class Workspace(Protocol):
     async def diff(self) -> WorkspaceDiff:
         """The change against base_commit as a binary-safe git diff, untracked files included,
         with its numstat for the patch summary."""
+        ...
+
+    async def stop_agent(self) -> None:
+        """Kills whatever the agent left running, keeping the files (e.g. before the patch of
+        a run stopped for its budget is taken)."""
         ...
 
     async def describe_exit(self, exit_code: int) -> str | None:

@@ -43,6 +43,7 @@ from handlers.workspaces.docker_engine import (
     tar_tree,
 )
 from handlers.workspaces.git import checkout, patch_of
+from handlers.workspaces.llm_link import isolate, start_forwarder
 
 WORKDIR = "/workspace"
 HOME = "/home/agent"
@@ -112,6 +113,9 @@ class DockerWorkspace:
                 if leftover:
                     await _emit(on_line, stream_no, bytes(leftover))
         return await _exit_code(execution)
+
+    async def stop_agent(self) -> None:
+        await self._stop_everything()
 
     async def _stop_everything(self) -> None:
         """Kills every process in the container and starts it again empty, keeping its files:
@@ -187,8 +191,10 @@ class DockerProvisioner:
         worker: str,
         installation: str,
         scratch_dir: Path,
+        llm_socket_dir: Path | None = None,
     ) -> None:
         self._docker = docker
+        self._llm_socket_dir = llm_socket_dir  # the LLM proxy's socket folder (llm_link.py)
         self._image = image
         self._limits = limits
         self._labels = {LABEL_WORKER: worker, LABEL_INSTALLATION: installation}
@@ -240,6 +246,8 @@ class DockerProvisioner:
 
     async def _start_container(self, spec: WorkspaceSpec) -> DockerContainer:
         config = container_config(self._image, self._limits, spec, self._labels)
+        if spec.llm_proxy:
+            config = isolate(config, self._llm_socket_dir)
         try:
             async with engine_call("creating the workspace container"):
                 container = await self._docker.containers.create(config)
@@ -253,6 +261,8 @@ class DockerProvisioner:
         try:
             async with engine_call("starting the workspace container"):
                 await container.start()
+            if spec.llm_proxy:  # while the repository is cloned on the host
+                await start_forwarder(container)
         except BaseException:
             # A container that failed to start is deleted, never leaked.
             await asyncio.shield(remove_container(container))

@@ -30,6 +30,7 @@ import aiodocker
 import aiohttp
 from aiodocker.exceptions import DockerError
 
+from handlers.workspaces.agent_tools import ToolInstallFailed, install_agent_tools, pinned_tools
 from handlers.workspaces.base import WorkspaceError
 
 Progress = Callable[[str], None]  # phases as sentences; tool output lines start with "  "
@@ -53,6 +54,7 @@ class ImageRecipe:
     packages: tuple[str, ...] = (
         *("git", "bash", "python3", "ca-certificates"),
         *("coreutils", "findutils", "sed", "grep"),
+        *("python3-venv", "procps"),  # mini-swe-agent's venv; ps for agents that look around
     )
     user: str = "agent"
     uid: int = 1000
@@ -68,7 +70,9 @@ class ImageRecipe:
         *("usr/share/doc", "usr/share/man", "usr/share/info", "usr/share/locale"),
         *("var/lib/apt/lists", "var/cache/apt", "var/log", "dev"),
     )
-    steps: int = 1  # bump whenever _customise() changes what it does
+    # The agent CLIs (handlers/workspaces/agent_tools.py), pinned; () builds the image without.
+    agent_tools: tuple[str, ...] = pinned_tools()
+    steps: int = 2  # bump whenever _customise() or the build's steps change what they do
 
     @property
     def digest(self) -> str:
@@ -155,6 +159,11 @@ async def build_image(
             "debootstrap is not installed: apt-get install debootstrap "
             "(scripts/ensure-docker.sh installs it)"
         )
+    if recipe.agent_tools and not shutil.which("npm"):
+        raise ImageUnavailable(
+            "npm is not installed: it installs Codex and Claude Code into the workspace image "
+            "(apt-get install npm; scripts/ensure-docker.sh installs it)"
+        )
     mirror = mirror or mirror_from_apt(recipe.suite)
     if not mirror:
         raise ImageUnavailable(
@@ -168,6 +177,12 @@ async def build_image(
     try:
         progress(f"debootstrap {recipe.suite} ({recipe.variant}) from {mirror}")
         await _debootstrap(rootfs, mirror, recipe, cache_dir / "debs", progress)
+        if recipe.agent_tools:
+            progress("installing the agent CLIs (npm registry, PyPI)")
+            try:
+                await install_agent_tools(rootfs, cache_dir, progress)
+            except ToolInstallFailed as exc:
+                raise ImageUnavailable(str(exc)) from None
         progress(f"adding user {recipe.user} ({recipe.uid}), {recipe.workdir}; trimming")
         await asyncio.to_thread(_customise, rootfs, recipe)
         progress(f"importing the rootfs into Docker as {image}")

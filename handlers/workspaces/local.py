@@ -57,6 +57,9 @@ class LocalWorkspace:
             functools.partial(git_bytes, self.repo_dir), self.write_scratch, self._base_commit
         )
 
+    async def stop_agent(self) -> None:
+        pass  # cancelling exec() killed the agent's whole process group already
+
     async def describe_exit(self, exit_code: int) -> str | None:
         return None
 

@@ -66,6 +66,7 @@ def _chunks(data: bytes) -> Iterator[bytes]:
 TWO_MB = "x" * (2 * 1024 * 1024)
 TWO_MB_BODY = json.dumps(_body(prompt=TWO_MB)).encode()
 JSON = {"content-type": "application/json"}
+NAN_BUDGET = b'{"repo": "/srv/repo", "prompt": "p", "budget_usd": NaN}'  # Python's json takes NaN
 
 # name -> (httpx.Client.post keyword arguments, allowed statuses)
 BAD_SUBMITS: dict[str, tuple[dict[str, Any], set[int]]] = {
@@ -77,6 +78,11 @@ BAD_SUBMITS: dict[str, tuple[dict[str, Any], set[int]]] = {
     "priority not a number": ({"json": _body(priority="high")}, {422}),
     "timeout negative": ({"json": _body(timeout_s=-1)}, {422}),
     "labels not an object": ({"json": _body(labels=["a"])}, {422}),
+    "budget_usd zero": ({"json": _body(budget_usd=0)}, {422}),
+    "budget_usd as text": ({"json": _body(budget_usd="5")}, {422}),
+    "budget_usd NaN": ({"content": NAN_BUDGET, "headers": JSON}, {400, 422}),
+    "max_tokens negative": ({"json": _body(max_tokens=-10)}, {422}),
+    "max_tokens fractional": ({"json": _body(max_tokens=10.5)}, {422}),
     "unknown field": ({"json": _body(colour="blue")}, {400, 422}),
     "unknown agent": ({"json": _body(agent="no-such-agent")}, {400, 422}),
     "unknown agent option": ({"json": _body(agent_options={"model": "x"})}, {400, 422}),

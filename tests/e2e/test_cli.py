@@ -186,6 +186,10 @@ def test_bad_input_is_explained(url: str, repo: Path) -> None:
     assert "repo" in err, err
     err = failed(run_cli(url, "submit", str(repo), "--prompt", "echo hi", "--priority", "9"))
     assert "priority" in err, err
+    err = failed(run_cli(url, "submit", str(repo), "--prompt", "echo hi", "--budget-usd", "0"))
+    assert "budget_usd" in err, err
+    err = failed(run_cli(url, "submit", str(repo), "--prompt", "echo hi", "--max-tokens", "-5"))
+    assert "max_tokens" in err, err
 
 
 def test_an_unreachable_gateway_is_explained() -> None:
@@ -220,6 +224,11 @@ def test_demo_runs_by_itself_and_exits_0() -> None:
     assert "FAILED" not in output
     assert output.count(" ok ") >= 4 or output.count("ok  ") >= 4, output
     assert "patch_ready" in output and "diff --git" in output
+    # An LLM agent's run against the built-in fake model, through the proxy, labelled so.
+    assert "fake model (built-in, scripted)" in output
+    assert "ok  LLM agent (fake model (built-in, scripted)) succeeded with a patch" in output
+    assert "ok  the capped LLM run ended budget_exceeded" in output
+    assert "3170 tokens in, 150 out" in output, output
     # It cleans up after itself: its temp dir and its servers are gone.
     match = re.search(r"sample repository: (/tmp/fl-demo-[^/\s]+)/", output)
     assert match, output

@@ -146,6 +146,7 @@ def endpoints(ids: dict[str, str]) -> list[tuple[str, str, dict[str, Any] | None
         ("GET", "/readyz", None, None),
         ("GET", "/metrics", None, "viewer"),
         ("GET", "/v1/whoami", None, "viewer"),
+        ("GET", "/v1/agents", None, "viewer"),
         ("GET", "/v1/requests", None, "viewer"),
         ("GET", f"/v1/requests/{ids['request']}", None, "viewer"),
         ("GET", f"/v1/requests/{ids['request']}/events", None, "viewer"),

@@ -193,7 +193,8 @@ async def test_image_info_reports_the_image(
     info = await image_info(docker, workspace_image.name)
     assert info["present"] and info["state"] == "fresh"
     assert str(info["id"]).startswith("sha256:")
-    assert 50e6 < info["size"] < 600e6, info["size"]
+    # Debian (about 200 MB) and the agent CLIs (about 1.2 GB: docs/workspace-image.md).
+    assert 50e6 < info["size"] < 2e9, info["size"]
     assert info["created"] and info["recipe_label"] == info["recipe"] == RECIPE.digest
     absent = await image_info(docker, f"forgeline/test-absent:{uuid.uuid4().hex[:12]}")
     assert (absent["present"], absent["state"], absent["id"]) == (False, "absent", None)

@@ -72,6 +72,9 @@ ACT: dict[RunAction, Callable[[Run], None]] = {
     A.CANCEL: lambda run: run.cancel("client asked"),
     A.REQUEST_CANCEL: lambda run: run.request_cancel("client asked", "cmd-1"),
     A.REQUEUE: lambda run: run.requeue("worker lost"),
+    A.RECORD_USAGE: lambda run: run.record_usage(
+        provider="openai", model="m", input_tokens=3, output_tokens=2, cost_usd=0.001
+    ),
 }
 
 # The state machine as the contract states it, written out independently of domain.status:
@@ -93,6 +96,13 @@ LEGAL: dict[tuple[RunStatus, RunAction], tuple[tuple[str, ...], RunStatus]] = {
     (S.RUNNING, A.CANCEL): (("RunCancelled",), S.CANCELLED),
     (S.RUNNING, A.REQUEST_CANCEL): (("CancelRequested",), S.RUNNING),
     (S.RUNNING, A.REQUEUE): (("RunRequeued",), S.QUEUED),
+    # Usage is money spent: recorded whenever the proxy sees it, even after the run ended.
+    (S.QUEUED, A.RECORD_USAGE): (("UsageRecorded",), S.QUEUED),
+    (S.PROVISIONING, A.RECORD_USAGE): (("UsageRecorded",), S.PROVISIONING),
+    (S.RUNNING, A.RECORD_USAGE): (("UsageRecorded",), S.RUNNING),
+    (S.SUCCEEDED, A.RECORD_USAGE): (("UsageRecorded",), S.SUCCEEDED),
+    (S.FAILED, A.RECORD_USAGE): (("UsageRecorded",), S.FAILED),
+    (S.CANCELLED, A.RECORD_USAGE): (("UsageRecorded",), S.CANCELLED),
 }
 
 ALL_PAIRS = [(status, action) for status in RunStatus for action in RunAction]
