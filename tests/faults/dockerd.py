@@ -128,8 +128,30 @@ class PrivateDockerd:
         self.start()
         return time.monotonic() - began
 
+    def leftover_processes(self) -> list[int]:
+        """Processes of this engine still alive after it stopped: a containerd-shim (and its
+        `runc init`) of a container being created when the engine went down outlives it."""
+        shims = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                with contextlib.suppress(OSError):
+                    if str(self.root).encode() in (entry / "cmdline").read_bytes():
+                        shims.append(int(entry.name))
+        children = [
+            int(pid)
+            for shim in shims
+            for pid in subprocess.run(
+                ["pgrep", "-P", str(shim)], capture_output=True, text=True, check=False
+            ).stdout.split()
+        ]
+        return children + shims
+
     def remove(self) -> None:
-        """After stop(): unmounts what it left mounted under its root, removes its files."""
+        """After stop(): ends what the engine left running, unmounts what it left mounted under
+        its root, removes its files."""
+        for pid in self.leftover_processes():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         mounts = Path("/proc/mounts").read_text().splitlines()
         points = sorted(
             (line.split()[1] for line in mounts if line.split()[1].startswith(str(self.root))),
