@@ -2,13 +2,14 @@
 
 A handler that raises gets its message back after a delay (nak), up to max_deliver times;
 a message that cannot be decoded is terminated at once, since retrying cannot help it.
+A batch handler takes a whole pull batch and says, per message, which of those it was.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
@@ -46,6 +47,9 @@ def durable_config(
 
 
 Handler = Callable[[Msg], Awaitable[None]]
+# None: done (ack); Undeliverable: terminate; any other exception: redeliver after a delay.
+Outcome = Exception | None
+BatchHandler = Callable[[Sequence[Msg]], Awaitable[list[Outcome]]]
 
 
 async def consume(
@@ -77,14 +81,64 @@ async def consume(
         await sub.unsubscribe()
 
 
+async def consume_batches(
+    js: JetStreamContext,
+    stream: str,
+    config: ConsumerConfig,
+    handle: BatchHandler,
+    stop: asyncio.Event,
+    *,
+    batch: int = 100,
+    retry_delay_s: float = 1.0,
+) -> None:
+    """Fetches up to batch messages (what is there: a fetch does not wait to fill a batch) and
+    hands them to handle at once, in stream order, until stop is set; settles each message
+    by its outcome once handle returned."""
+    await js.add_consumer(stream, config)
+    sub = await js.pull_subscribe_bind(durable=config.durable_name or "", stream=stream)
+    try:
+        while not stop.is_set():
+            try:
+                msgs = await sub.fetch(batch, timeout=1.0)
+            except (TimeoutError, NatsTimeoutError):
+                continue
+            except Exception:
+                log.exception("fetch from %s failed; retrying", stream)
+                await asyncio.sleep(retry_delay_s)
+                continue
+            try:
+                outcomes = await handle(msgs)
+            except Exception as exc:
+                log.exception("batch handler failed on %s; will be redelivered", stream)
+                outcomes = [exc] * len(msgs)
+            await asyncio.gather(
+                *(
+                    settle(msg, outcome, retry_delay_s)
+                    for msg, outcome in zip(msgs, outcomes, strict=True)
+                )
+            )
+    finally:
+        await sub.unsubscribe()
+
+
+async def settle(msg: Msg, outcome: Outcome, retry_delay_s: float) -> None:
+    """Acks, terminates or naks one message as its outcome says."""
+    if outcome is None:
+        await msg.ack_sync()
+    elif isinstance(outcome, Undeliverable):
+        log.error("terminating undeliverable message on %s: %s", msg.subject, outcome)
+        await msg.term()
+    else:
+        await msg.nak(delay=retry_delay_s)
+
+
 async def handle_one(msg: Msg, handle: Handler, *, retry_delay_s: float) -> None:
+    outcome: Outcome = None
     try:
         await handle(msg)
     except Undeliverable as exc:
-        log.error("terminating undeliverable message on %s: %s", msg.subject, exc)
-        await msg.term()
-    except Exception:
+        outcome = exc
+    except Exception as exc:
         log.exception("handler failed on %s; will be redelivered", msg.subject)
-        await msg.nak(delay=retry_delay_s)
-    else:
-        await msg.ack_sync()
+        outcome = exc
+    await settle(msg, outcome, retry_delay_s)

@@ -22,7 +22,7 @@ from pydantic import SecretStr
 
 from broker import subjects
 from broker.connection import connect
-from broker.consumer import consume, durable_config
+from broker.consumer import consume_batches, durable_config
 from broker.relay import Relay
 from broker.streams import StreamSettings, ensure_streams
 from domain.application import Forgeline
@@ -35,7 +35,7 @@ from gateway import keys as api_keys
 from gateway.app import create_app
 from gateway.deps import GatewayDeps
 from handlers.agents.shell import ShellAgent
-from handlers.commands import command_message_handler
+from handlers.commands import command_batch_handler
 from handlers.execution import Executor, ExecutorSettings
 from projections.runner import ProjectionRunner
 from projections.schema import SCHEMA_LOCK_KEY
@@ -266,11 +266,11 @@ async def _worker_jobs(
             ack_wait_s=settings.run_ack_wait_s,
         ),
     )
-    commands = consume(
+    commands = consume_batches(
         js,
         subjects.COMMANDS_STREAM,
         durable_config(subjects.COMMAND_HANDLER_DURABLE, [subjects.COMMANDS_SUBJECTS]),
-        command_message_handler(app),
+        command_batch_handler(app),
         stop,
     )
     return [commands, executor.run(stop), workspaces.reap_forever(stop)]
