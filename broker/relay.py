@@ -5,6 +5,10 @@ publish retried inside the dedupe window is stored once. Beyond the window, exac
 from the relay's tracked position: the larger of the one it saved in the FORGELINE_RELAY bucket
 and the position of the last message the stream holds, so a crash between publishing and
 saving the position never republishes.
+
+It looks at the store again when `idle` (given by the composition root: a wait for the LISTEN
+wake-ups of forgeline/store_wakeups.py, with a slow poll as a fallback) returns; without it, it
+polls every `idle_wait_s`.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import anyio
 from eventsourcing.persistence import Notification
@@ -36,6 +40,7 @@ class Relay:
         *,
         batch_size: int = 500,
         idle_wait_s: float = 0.02,
+        idle: Callable[[asyncio.Event], Awaitable[None]] | None = None,
         ack_timeout_s: float = 10.0,
     ) -> None:
         self._app = app
@@ -43,6 +48,7 @@ class Relay:
         self._js = js
         self._batch_size = batch_size
         self._idle_wait_s = idle_wait_s
+        self._idle = idle
         self._position: int | None = None
 
     async def tracked_position(self) -> int:
@@ -110,7 +116,10 @@ class Relay:
                 await _wait(stop, 1.0)
                 continue
             if not published:
-                await _wait(stop, self._idle_wait_s)
+                if self._idle is not None:
+                    await self._idle(stop)
+                else:
+                    await _wait(stop, self._idle_wait_s)
 
 
 async def _wait(stop: asyncio.Event, seconds: float) -> None:

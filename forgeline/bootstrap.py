@@ -30,6 +30,7 @@ from forgeline.provisioning import Workspaces, open_workspaces
 from forgeline.settings import Settings, eventsourcing_env
 from forgeline.startup import ALL_ROLES, StartupError
 from forgeline.store_integrity import ensure_store_integrity
+from forgeline.store_wakeups import StoreWakeups
 from gateway import idempotency
 from gateway import keys as api_keys
 from gateway.app import create_app
@@ -170,7 +171,10 @@ async def run_services(
     workspaces: Workspaces | None = None
     try:
         await ensure_streams(js, StreamSettings(replicas=settings.stream_replicas))
-        projector = ProjectionRunner(app, servers.database_url)
+        wakeups = StoreWakeups(servers.database_url)
+        projector = ProjectionRunner(
+            app, servers.database_url, idle=wakeups.idle_waiter() if "projector" in roles else None
+        )
         await anyio.to_thread.run_sync(projector.create_tables)
         if "projector" not in roles:
             projector.close()  # its connection served the tables only
@@ -183,7 +187,9 @@ async def run_services(
         if "projector" in roles:
             jobs.append(projector.run(stop))
         if "relay" in roles:
-            jobs.append(Relay(app, js).run(stop))
+            jobs.append(Relay(app, js, idle=wakeups.idle_waiter()).run(stop))
+        if "projector" in roles or "relay" in roles:
+            jobs.append(wakeups.run(stop))
         if workspaces is not None:
             jobs += await _worker_jobs(settings, app, js, stop, workspaces)
         if "gateway" in roles:
