@@ -23,6 +23,7 @@ import anyio
 from eventsourcing.persistence import Notification
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, NotFoundError
+from nats.js.kv import KeyValue
 
 from broker import envelope, subjects
 from domain.application import Forgeline, aggregate_name, event_type
@@ -50,17 +51,23 @@ class Relay:
         self._idle_wait_s = idle_wait_s
         self._idle = idle
         self._position: int | None = None
+        self._kv: KeyValue | None = None  # looked up once: each lookup is a stream info request
 
     async def tracked_position(self) -> int:
         """The last position known to be on the stream (0 when none)."""
         saved = 0
-        kv = await self._js.key_value(subjects.RELAY_BUCKET)
+        kv = await self._bucket()
         try:
             entry = await kv.get(_POSITION_KEY)
             saved = int(entry.value or b"0")
         except KeyNotFoundError:
             pass
         return max(saved, await self._last_position_on_stream())
+
+    async def _bucket(self) -> KeyValue:
+        if self._kv is None:
+            self._kv = await self._js.key_value(subjects.RELAY_BUCKET)
+        return self._kv
 
     async def _last_position_on_stream(self) -> int:
         info = await self._js.stream_info(subjects.EVENTS_STREAM)
@@ -100,7 +107,7 @@ class Relay:
         # again (the same Nats-Msg-Ids) rather than wait forever.
         await asyncio.wait_for(asyncio.gather(*acks), self._ack_timeout_s)
         self._position = notifications[-1].id
-        kv = await self._js.key_value(subjects.RELAY_BUCKET)
+        kv = await self._bucket()
         await kv.put(_POSITION_KEY, str(self._position).encode())
         return len(notifications)
 
@@ -112,6 +119,7 @@ class Relay:
             except Exception:
                 log.exception("relay: publishing failed; retrying in 1 s")
                 self._position = None  # re-read the tracked position after a failure
+                self._kv = None
                 published = 0
                 await _wait(stop, 1.0)
                 continue
