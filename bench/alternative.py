@@ -33,7 +33,6 @@ import redis
 
 from bench import drain, e2e_latency, ingest
 from bench.common import (
-    NOOP_SCRIPT,
     Child,
     Config,
     Row,
@@ -195,19 +194,8 @@ class Alternative:
 
 
 async def _one(client: httpx.AsyncClient, repo: Path) -> float:
-    start = time.perf_counter()
-    accepted = await client.post("/v1/requests", json={"repo": str(repo), "prompt": NOOP_SCRIPT})
-    accepted.raise_for_status()
-    request_id = accepted.json()["request_id"]
-    while True:
-        response = await client.get(f"/v1/requests/{request_id}")
-        if response.status_code == 200:
-            status = response.json()["status"]
-            if status == "patch_ready":
-                return time.perf_counter() - start
-            if status == "failed":
-                raise RuntimeError(f"the Celery pipeline failed a request: {response.json()}")
-        await asyncio.sleep(e2e_latency.POLL_S)
+    seconds, _, _ = await e2e_latency.post_until_patch_ready(client, repo)
+    return seconds
 
 
 async def _e2e(url: str, repo: Path, rounds: int, warmup: int, timeout: float) -> list[float]:

@@ -109,7 +109,7 @@ class Config:
                 ingest_max_seconds=2.0,
                 store_rate=20.0,
                 store_latency_count=30,
-                store_backlog=100,
+                store_backlog=300,  # a few pull batches of the command handler
                 lag_rate=50.0,
                 lag_seconds=1.5,
                 drain_n=20,
