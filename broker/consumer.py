@@ -1,8 +1,8 @@
 """Pull consumers with manual acknowledgement: ack after the work is committed, never before.
 
-A handler that raises gets its message back after a delay (nak), up to max_deliver times;
-a message that cannot be decoded is terminated at once, since retrying cannot help it.
-A batch handler takes a whole pull batch and says, per message, which of those it was.
+A batch handler takes a whole pull batch and says, per message, how it went: done (ack), failed
+(the message comes back after a delay, nak, up to max_deliver times), or undeliverable (a
+message that cannot be decoded is terminated at once, since retrying cannot help it).
 """
 
 from __future__ import annotations
@@ -46,39 +46,9 @@ def durable_config(
     return config
 
 
-Handler = Callable[[Msg], Awaitable[None]]
 # None: done (ack); Undeliverable: terminate; any other exception: redeliver after a delay.
 Outcome = Exception | None
 BatchHandler = Callable[[Sequence[Msg]], Awaitable[list[Outcome]]]
-
-
-async def consume(
-    js: JetStreamContext,
-    stream: str,
-    config: ConsumerConfig,
-    handle: Handler,
-    stop: asyncio.Event,
-    *,
-    batch: int = 1,
-    retry_delay_s: float = 1.0,
-) -> None:
-    """Fetches and handles messages one at a time, in stream order, until stop is set."""
-    await js.add_consumer(stream, config)  # creates it, or updates it to the declared config
-    sub = await js.pull_subscribe_bind(durable=config.durable_name or "", stream=stream)
-    try:
-        while not stop.is_set():
-            try:
-                msgs = await sub.fetch(batch, timeout=1.0)
-            except (TimeoutError, NatsTimeoutError):
-                continue
-            except Exception:
-                log.exception("fetch from %s failed; retrying", stream)
-                await asyncio.sleep(retry_delay_s)
-                continue
-            for msg in msgs:
-                await handle_one(msg, handle, retry_delay_s=retry_delay_s)
-    finally:
-        await sub.unsubscribe()
 
 
 async def consume_batches(
@@ -130,15 +100,3 @@ async def settle(msg: Msg, outcome: Outcome, retry_delay_s: float) -> None:
         await msg.term()
     else:
         await msg.nak(delay=retry_delay_s)
-
-
-async def handle_one(msg: Msg, handle: Handler, *, retry_delay_s: float) -> None:
-    outcome: Outcome = None
-    try:
-        await handle(msg)
-    except Undeliverable as exc:
-        outcome = exc
-    except Exception as exc:
-        log.exception("handler failed on %s; will be redelivered", msg.subject)
-        outcome = exc
-    await settle(msg, outcome, retry_delay_s)
