@@ -8,9 +8,11 @@ Postgres, the HTTP endpoint (bench/celery_web.py, uvicorn) and a Celery worker
 Measured as Forgeline is in cases 1, 4 and 5, with the same load generator and clients:
 ingest latency at the same fixed rate and max throughput (with no worker running, as
 Forgeline's gateway-only ingest has no consumer), end-to-end latency of one no-op request at a
-time (POST, then GET every 5 ms until patch_ready), and the drain of N requests.
-Forgeline's numbers are those of cases 1, 4 and 5 of the same run (measured here when those
-cases were not selected).
+time (POST, then GET every 5 ms until patch_ready), and the drain of N requests with CPU
+seconds per run by process tree. Forgeline's ingest and end-to-end numbers are those of cases
+1 and 4 of the same run (measured here when those cases were not selected); its drain is
+measured here again, each trial right after a Celery trial, so that both see the same
+background load.
 """
 
 from __future__ import annotations
@@ -31,7 +33,6 @@ import redis
 
 from bench import drain, e2e_latency, ingest
 from bench.common import (
-    NOOP_SCRIPT,
     Child,
     Config,
     Row,
@@ -40,6 +41,7 @@ from bench.common import (
     latency_summary,
     rate_summary,
     submit_body,
+    tree_cpu_seconds,
 )
 from bench.loadgen import LoadResult
 from forgeline.embedded import free_port
@@ -115,6 +117,11 @@ class Alternative:
         )
         self.url = f"http://127.0.0.1:{self.web.wait_ready(60)}"
         self.worker: Child | None = None
+        self.finished = drain.Counter(
+            self.database_url,
+            "SELECT count(*) FILTER (WHERE status IN ('patch_ready', 'failed')),"
+            " count(*) FILTER (WHERE status = 'failed') FROM alt_requests",
+        )
 
     def _wait_redis(self) -> None:
         client = redis.Redis.from_url(self.redis_url)
@@ -168,16 +175,18 @@ class Alternative:
             ready_line=False,
         )
 
-    def finished(self) -> tuple[int, int]:
-        with psycopg.connect(self.database_url) as conn:
-            row = conn.execute(
-                "SELECT count(*) FILTER (WHERE status IN ('patch_ready', 'failed')),"
-                " count(*) FILTER (WHERE status = 'failed') FROM alt_requests"
-            ).fetchone()
-        assert row is not None
-        return int(row[0]), int(row[1])
+    def meters(self) -> drain.Meters:
+        worker = self.worker
+        assert worker is not None
+        return {
+            "celery worker": lambda: tree_cpu_seconds(worker.pid),
+            "http endpoint": lambda: tree_cpu_seconds(self.web.pid),
+            "postgres": lambda: tree_cpu_seconds(self._st.postgres_pid()),
+            "redis": lambda: tree_cpu_seconds(self.redis.pid),
+        }
 
     def stop(self) -> None:
+        self.finished.close()
         for child in (self.worker, self.web, self.redis):
             if child is not None:
                 with contextlib.suppress(Exception):
@@ -185,19 +194,8 @@ class Alternative:
 
 
 async def _one(client: httpx.AsyncClient, repo: Path) -> float:
-    start = time.perf_counter()
-    accepted = await client.post("/v1/requests", json={"repo": str(repo), "prompt": NOOP_SCRIPT})
-    accepted.raise_for_status()
-    request_id = accepted.json()["request_id"]
-    while True:
-        response = await client.get(f"/v1/requests/{request_id}")
-        if response.status_code == 200:
-            status = response.json()["status"]
-            if status == "patch_ready":
-                return time.perf_counter() - start
-            if status == "failed":
-                raise RuntimeError(f"the Celery pipeline failed a request: {response.json()}")
-        await asyncio.sleep(e2e_latency.POLL_S)
+    seconds, _, _ = await e2e_latency.post_until_patch_ready(client, repo)
+    return seconds
 
 
 async def _e2e(url: str, repo: Path, rounds: int, warmup: int, timeout: float) -> list[float]:
@@ -207,9 +205,13 @@ async def _e2e(url: str, repo: Path, rounds: int, warmup: int, timeout: float) -
         return [await _one(client, repo) for _ in range(rounds + warmup)][warmup:]
 
 
-def measure(st: Stack, cfg: Config, repo: Path) -> dict[str, Any]:
+def measure(
+    st: Stack, cfg: Config, repo: Path, forgeline: drain.ForgelineDrain | None
+) -> dict[str, Any]:
+    """Celery's numbers; with forgeline, Forgeline's drain trials alternate with Celery's."""
     alt = Alternative(st, cfg.slots)
     body = submit_body(repo)
+    mine: list[dict[str, Any]] = []
     try:
         rate: list[LoadResult] = []
         peak: list[LoadResult] = []
@@ -219,25 +221,34 @@ def measure(st: Stack, cfg: Config, repo: Path) -> dict[str, Any]:
         alt.reset()
         alt.start_worker()
         e2e = asyncio.run(_e2e(alt.url, repo, cfg.rounds, cfg.warmup, timeout=120))
-        drains = [
-            drain.submit_and_drain(
-                alt.url,
-                body,
-                cfg.drain_n,
-                alt.finished,
-                {},
-                timeout=max(120.0, cfg.drain_n * 2.0),
+        drains = []
+        for _ in range(cfg.trials):
+            drains.append(
+                drain.submit_and_drain(
+                    alt.url,
+                    body,
+                    cfg.drain_n,
+                    alt.finished,
+                    {},
+                    timeout=max(120.0, cfg.drain_n * 2.0),
+                    meters=alt.meters(),
+                )
             )
-            for _ in range(cfg.trials)
-        ]
+            if forgeline is not None:
+                mine.append(forgeline.trial())
     finally:
         alt.stop()
-    return {"rate": rate, "peak": peak, "e2e": e2e, "drain": drains}
+    return {"rate": rate, "peak": peak, "e2e": e2e, "drain": drains, "forgeline_drain": mine}
 
 
 def run(st: Stack, cfg: Config, repo: Path, mine: dict[str, Row]) -> list[Row]:
-    """mine: Forgeline's rows of the same run, by key: ingest_rate, ingest_max, e2e, drain."""
-    theirs = measure(st, cfg, repo)
+    """mine: Forgeline's rows of the same run, by key: ingest_rate, ingest_max, e2e. Its
+    drain is measured here again, its trials alternating with Celery's."""
+    forgeline = drain.ForgelineDrain(st, cfg, repo, name="drain-vs-celery")
+    try:
+        theirs = measure(st, cfg, repo, forgeline)
+    finally:
+        forgeline.close()
     if "ingest_rate" not in mine or "ingest_max" not in mine:
         rows = ingest.run(st, cfg, repo)
         mine = {**mine, "ingest_rate": rows[0], "ingest_max": rows[1]}
@@ -248,8 +259,6 @@ def run(st: Stack, cfg: Config, repo: Path, mine: dict[str, Row]) -> list[Row]:
                 "local", e2e_latency.measure(st, "local", cfg.rounds, cfg.warmup, cfg.slots)
             )[0],
         }
-    if "drain" not in mine:
-        mine = {**mine, "drain": drain.run(st, cfg, repo)[0][0]}
 
     def failures(results: list[LoadResult]) -> str:
         text = "; ".join(f for r in results if (f := r.failures()))
@@ -291,10 +300,21 @@ def run(st: Stack, cfg: Config, repo: Path, mine: dict[str, Row]) -> list[Row]:
             metric=f"drain {cfg.drain_n} no-op requests, {cfg.slots} slots",
             kind="rate",
             unit="runs/s",
-            value=mine["drain"].value,
+            value=rate_summary([d["runs_per_s"] for d in theirs["forgeline_drain"]]),
             floor_name=FLOOR_NAME,
             floor=rate_summary([d["runs_per_s"] for d in theirs["drain"]]),
-            note=f"Celery: {failed} failed" if failed else "",
-            extra={"celery_trials": theirs["drain"]},
+            note="; ".join(
+                n
+                for n in (
+                    f"Celery: {failed} failed" if failed else "",
+                    "Forgeline " + drain.cpu_note(theirs["forgeline_drain"]),
+                    "Celery " + drain.cpu_note(theirs["drain"]),
+                )
+                if n
+            ),
+            extra={
+                "celery_trials": theirs["drain"],
+                "forgeline_trials": theirs["forgeline_drain"],
+            },
         ),
     ]

@@ -15,14 +15,10 @@ Uvicorn is configured as Forgeline's gateway is.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-import signal
 import sys
 import uuid
-from collections.abc import Iterator
 
-import uvicorn
 from psycopg_pool import AsyncConnectionPool
 from pydantic import ValidationError
 from starlette.applications import Starlette
@@ -31,13 +27,8 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from bench.celery_app import SCHEMA, process_request
+from bench.serving import serve_until_signalled
 from domain.commands import RequestSpec
-
-
-class _QuietServer(uvicorn.Server):
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
 
 
 async def _serve() -> None:
@@ -93,24 +84,7 @@ async def _serve() -> None:
             Route("/healthz", healthz, methods=["GET"]),
         ]
     )
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=0, log_level="warning", lifespan="off", access_log=False
-    )
-    server = _QuietServer(config)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    serving = asyncio.create_task(server.serve())
-    while not server.started:
-        if serving.done():
-            await serving
-            return
-        await asyncio.sleep(0.02)
-    print(f"READY {server.servers[0].sockets[0].getsockname()[1]}", flush=True)
-    await stop.wait()
-    server.should_exit = True
-    await serving
+    await serve_until_signalled(app)
     await pool.close()
 
 

@@ -109,7 +109,7 @@ class Config:
                 ingest_max_seconds=2.0,
                 store_rate=20.0,
                 store_latency_count=30,
-                store_backlog=100,
+                store_backlog=300,  # a few pull batches of the command handler
                 lag_rate=50.0,
                 lag_seconds=1.5,
                 drain_n=20,
@@ -214,6 +214,7 @@ class Stack:
         self._stops: list[Any] = []
         self._shared: dict[Any, tuple[Forgeline, str]] = {}
         self._case_nats: list[embedded.EmbeddedNats] = []
+        self._nats_dirs: dict[str, Path] = {}
         # --quick: cases 4 (local) and 5 share one Forgeline process, to save a start-up.
         # A full run gives each its own, stopped before its by-hand floor is measured.
         self.share_processes = False
@@ -233,7 +234,14 @@ class Stack:
         server = embedded.start_nats(self.workdir / "nats" / name)
         self._stops.append(server.stop)
         self._case_nats.append(server)
+        self._nats_dirs[server.url] = self.workdir / "nats" / name
         return server.url
+
+    def nats_pid(self, url: str) -> int:
+        return int((self._nats_dirs[url] / "nats.pid").read_text().split()[0])
+
+    def postgres_pid(self) -> int:
+        return int((self.pg.pgdata / "postmaster.pid").read_text().splitlines()[0])
 
     def end_case(self) -> None:
         """Stops the case's nats-servers (idle ones still tick), not the shared processes'."""
@@ -294,6 +302,26 @@ def make_repo(path: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------ processes
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) of a process, its reaped children and live descendants."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total, todo, seen = 0, [pid], set()
+    while todo:
+        current = todo.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        try:
+            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # ended meanwhile: its parent's cutime has it once it is reaped
+        total += sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{current}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+    return total / tick
 
 
 class Child:

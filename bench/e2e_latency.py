@@ -94,8 +94,9 @@ def by_hand_docker(repo: Path, workdir: Path, index: int, image: str = WORKSPACE
     return elapsed
 
 
-async def through_forgeline(client: httpx.AsyncClient, repo: Path) -> tuple[float, str, float]:
-    """One request, POST to patch_ready: (seconds, request id, wall clock of the POST)."""
+async def post_until_patch_ready(client: httpx.AsyncClient, repo: Path) -> tuple[float, str, float]:
+    """One request, POST to a GET showing patch_ready, polled every POLL_S: (seconds, request
+    id, wall clock of the POST). The same client code for Forgeline and the Celery pipeline."""
     wall = time.time()
     start = time.perf_counter()
     accepted = await client.post("/v1/requests", json={"repo": str(repo), "prompt": SCRIPT})
@@ -108,8 +109,7 @@ async def through_forgeline(client: httpx.AsyncClient, repo: Path) -> tuple[floa
             if status == "patch_ready":
                 return time.perf_counter() - start, request_id, wall
             if status in ("failed", "cancelled"):
-                run = (await client.get(f"/v1/runs/{response.json()['latest_run_id']}")).json()
-                raise RuntimeError(f"benchmark request ended {run['status']}: {run['error']}")
+                raise RuntimeError(f"benchmark request ended {status}: {response.json()}")
         await asyncio.sleep(POLL_S)
 
 
@@ -150,7 +150,7 @@ async def _forgeline_samples(
     url: str, repo: Path, rounds: int, warmup: int
 ) -> tuple[list[tuple[float, str, float]], dict[str, dict[str, float]]]:
     async with httpx.AsyncClient(base_url=url, headers=AUTH, timeout=30) as client:
-        done = [await through_forgeline(client, repo) for _ in range(rounds + warmup)][warmup:]
+        done = [await post_until_patch_ready(client, repo) for _ in range(rounds + warmup)][warmup:]
         return done, await _hops(client, done)
 
 

@@ -11,29 +11,18 @@ POST /v1/null answers 202 without publishing: the ceiling of the HTTP path on th
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import signal
 import sys
 import uuid
-from collections.abc import Iterator
 
 import nats
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from bench.serving import serve_until_signalled
 from broker import subjects
 from broker.streams import ensure_streams
-
-
-class _QuietServer(uvicorn.Server):
-    """Uvicorn without its own signal handling, as the gateway's."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
 
 
 async def _serve(nats_url: str) -> None:
@@ -87,24 +76,7 @@ async def _serve(nats_url: str) -> None:
             Route("/healthz", healthz, methods=["GET"]),
         ]
     )
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=0, log_level="warning", lifespan="off", access_log=False
-    )
-    server = _QuietServer(config)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    serving = asyncio.create_task(server.serve())
-    while not server.started:
-        if serving.done():
-            await serving
-            return
-        await asyncio.sleep(0.02)
-    print(f"READY {server.servers[0].sockets[0].getsockname()[1]}", flush=True)
-    await stop.wait()
-    server.should_exit = True
-    await serving
+    await serve_until_signalled(app)
     await nc.drain()
 
 

@@ -43,6 +43,7 @@ from bench.common import (
     submit_body,
 )
 from bench.loadgen import LoadResult, LoadSpec, run_in_child
+from bench.watch import PollingWatcher
 from domain.application import Forgeline as ForgelineApp
 from forgeline.bootstrap import open_store
 from projections.runner import ProjectionRunner
@@ -52,37 +53,23 @@ CASE = "3 projection"
 POLL_S = 0.002
 
 
-class LagWatcher:
+class LagWatcher(PollingWatcher):
     """Samples (time, store's last position, projector's position) every POLL_S."""
 
+    QUERY = (
+        "SELECT (SELECT coalesce(max(notification_id), 0) FROM forgeline_events),"
+        f" (SELECT coalesce(max(position), 0) FROM {POSITIONS_TABLE} WHERE name = %s)"
+    )
+
     def __init__(self, database_url: str) -> None:
-        self._url = database_url
+        super().__init__(database_url, POLL_S)
         self.samples: list[tuple[float, int, int]] = []
-        self._stop = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
 
-    async def __aenter__(self) -> LagWatcher:
-        self._task = asyncio.create_task(self._run())
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._task is not None:
-            await self._task
-
-    async def _run(self) -> None:
-        query = (
-            "SELECT (SELECT coalesce(max(notification_id), 0) FROM forgeline_events),"
-            f" (SELECT coalesce(max(position), 0) FROM {POSITIONS_TABLE} WHERE name = %s)"
-        )
-        async with await psycopg.AsyncConnection.connect(self._url, autocommit=True) as conn:
-            while not self._stop.is_set():
-                at = time.perf_counter()
-                cur = await conn.execute(query, (f"{LIVE_PREFIX}tables",))
-                row = await cur.fetchone()
-                assert row is not None
-                self.samples.append((at, int(row[0]), int(row[1])))
-                await asyncio.sleep(POLL_S)
+    async def sample(self, conn: psycopg.AsyncConnection[Any], at: float) -> None:
+        cur = await conn.execute(self.QUERY, (f"{LIVE_PREFIX}tables",))
+        row = await cur.fetchone()
+        assert row is not None
+        self.samples.append((at, int(row[0]), int(row[1])))
 
     async def caught_up(self, timeout: float) -> None:
         deadline = time.perf_counter() + timeout

@@ -32,6 +32,7 @@ import psycopg
 from nats.js import JetStreamContext
 
 from bench.common import Config, Forgeline, Row, Stack, latency_summary, rate_summary
+from bench.watch import PollingWatcher
 from broker import subjects
 from broker.commands import publish_command
 from domain.commands import RequestSpec, SubmitRequest
@@ -44,41 +45,25 @@ POLL_S = 0.002
 EVENTS_PER_SUBMIT = 2  # RequestSubmitted + RunQueued
 
 
-class StoreWatcher:
+class StoreWatcher(PollingWatcher):
     """Polls forgeline_events; remembers when each originator id was first visible."""
 
     def __init__(self, database_url: str, poll_s: float = POLL_S) -> None:
-        self._url = database_url
-        self._poll_s = poll_s
+        super().__init__(database_url, poll_s)
         self.seen: dict[UUID, float] = {}
-        self._stop = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._last = 0
 
-    async def __aenter__(self) -> StoreWatcher:
-        self._task = asyncio.create_task(self._run())
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._task is not None:
-            await self._task
-
-    async def _run(self) -> None:
-        async with await psycopg.AsyncConnection.connect(self._url, autocommit=True) as conn:
-            last = 0
-            while not self._stop.is_set():
-                at = time.perf_counter()
-                cur = await conn.execute(
-                    "SELECT notification_id, originator_id FROM forgeline_events"
-                    " WHERE notification_id > %s ORDER BY notification_id",
-                    (last,),
-                )
-                rows = await cur.fetchall()
-                for _, originator in rows:
-                    self.seen.setdefault(originator, at)
-                if rows:
-                    last = rows[-1][0]
-                await asyncio.sleep(self._poll_s)
+    async def sample(self, conn: psycopg.AsyncConnection[Any], at: float) -> None:
+        cur = await conn.execute(
+            "SELECT notification_id, originator_id FROM forgeline_events"
+            " WHERE notification_id > %s ORDER BY notification_id",
+            (self._last,),
+        )
+        rows = await cur.fetchall()
+        for _, originator in rows:
+            self.seen.setdefault(originator, at)
+        if rows:
+            self._last = rows[-1][0]
 
     async def wait_for(self, ids: list[UUID], timeout: float) -> None:
         deadline = time.perf_counter() + timeout
@@ -151,7 +136,9 @@ async def _backlog(
     await watcher.wait_for(ids, 600)
     times = [watcher.seen[i] for i in ids]
     span = max(times) - min(times)
-    return EVENTS_PER_SUBMIT * (len(ids) - 1) / span if span > 0 else float("nan")
+    # The commands first seen committed open the clock: count only those committed after.
+    after_first = sum(t > min(times) for t in times)
+    return EVENTS_PER_SUBMIT * after_first / span if span > 0 else float("nan")
 
 
 def _floor(

@@ -1,21 +1,26 @@
 """Pull consumers with manual acknowledgement: ack after the work is committed, never before.
 
-A handler that raises gets its message back after an exponential backoff with jitter (nak
-with a delay), up to `max_deliver` deliveries; a message that fails its last one, or that the
-handler refuses as undeliverable (bad payload: retrying cannot help), goes to the dead-letter
-stream with why (broker/dead_letters.py) and is terminated. The server is told no limit of
-its own (max_deliver -1): a message whose handler never returns (it hangs, or its process
-dies on it) is counted here too, and dead-lettered before it is handled once more.
+A handler (one message at a time, or a batch handler saying per message how it went) that
+fails gets its message back after an exponential backoff with jitter (nak with a delay), up
+to `max_deliver` deliveries; a message that fails its last one, or that the handler refuses as
+undeliverable (bad payload: retrying cannot help), goes to the dead-letter stream with why
+(broker/dead_letters.py) and is terminated. Acks and naks that fail (the broker away) are
+logged, not raised: the message comes back and is handled again, idempotently. The server is
+told no limit of its own (max_deliver -1): a message whose handler never returns (it hangs,
+or its process dies on it) is counted here too, and dead-lettered before it is handled once
+more.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from nats.aio.msg import Msg
+from nats.errors import Error as NatsError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
@@ -54,7 +59,7 @@ def durable_config(
         ack_policy=AckPolicy.EXPLICIT,
         deliver_policy=DeliverPolicy.ALL,
         ack_wait=ack_wait_s,
-        max_deliver=-1,  # counted by handle_one, which dead-letters instead of dropping
+        max_deliver=-1,  # counted by settle(), which dead-letters instead of dropping
         max_ack_pending=max_ack_pending,
     )
     if len(filter_subjects) == 1:
@@ -65,6 +70,10 @@ def durable_config(
 
 
 Handler = Callable[[Msg], Awaitable[None]]
+# None: done (ack); Undeliverable: dead-lettered at once; any other exception: redelivered
+# after a backoff, dead-lettered after its last delivery.
+Outcome = Exception | None
+BatchHandler = Callable[[Sequence[Msg]], Awaitable[list[Outcome]]]
 
 
 async def consume(
@@ -78,50 +87,121 @@ async def consume(
     retry: RetryPolicy | None = None,
 ) -> None:
     """Fetches and handles messages one at a time, in stream order, until stop is set."""
+
+    async def one_by_one(msgs: Sequence[Msg]) -> list[Outcome]:
+        outcomes: list[Outcome] = []
+        for msg in msgs:
+            try:
+                await handle(msg)
+            except Exception as exc:
+                outcomes.append(exc)
+            else:
+                outcomes.append(None)
+            # Settled before the next one is handled: order and acks as one at a time.
+            await settle(js, msg, outcomes[-1], retry or RetryPolicy())
+        return outcomes
+
+    await _consume(js, stream, config, one_by_one, stop, batch=batch, retry=retry, settled=True)
+
+
+async def consume_batches(
+    js: JetStreamContext,
+    stream: str,
+    config: ConsumerConfig,
+    handle: BatchHandler,
+    stop: asyncio.Event,
+    *,
+    batch: int = 100,
+    retry: RetryPolicy | None = None,
+) -> None:
+    """Fetches up to batch messages (what is there: a fetch does not wait to fill a batch) and
+    hands them to handle at once, in stream order, until stop is set; settles each message
+    by its outcome once handle returned."""
+    await _consume(js, stream, config, handle, stop, batch=batch, retry=retry, settled=False)
+
+
+async def _consume(
+    js: JetStreamContext,
+    stream: str,
+    config: ConsumerConfig,
+    handle: BatchHandler,
+    stop: asyncio.Event,
+    *,
+    batch: int,
+    retry: RetryPolicy | None,
+    settled: bool,
+) -> None:
     retry = retry or RetryPolicy()
     await js.add_consumer(stream, config)  # creates it, or updates it to the declared config
     sub = await js.pull_subscribe_bind(durable=config.durable_name or "", stream=stream)
     try:
         while not stop.is_set():
             try:
-                msgs = await sub.fetch(batch, timeout=1.0)
+                fetched = await sub.fetch(batch, timeout=1.0)
             except (TimeoutError, NatsTimeoutError):
                 continue
             except Exception:
                 log.exception("fetch from %s failed; retrying", stream)
                 await asyncio.sleep(retry.backoff_base_s)
                 continue
-            for msg in msgs:
-                await handle_one(js, msg, handle, retry)
+            msgs = []
+            for msg in fetched:
+                deliveries = msg.metadata.num_delivered
+                if deliveries > retry.hung_deliveries:
+                    # Its handler never got through the earlier deliveries (hung, its process
+                    # died on it, or the infrastructure was away all that time).
+                    await _give_up(js, msg, f"not handled in {deliveries - 1} deliveries")
+                else:
+                    msgs.append(msg)
+            if not msgs:
+                continue
+            to_settle = not settled
+            try:
+                outcomes = await handle(msgs)
+            except Exception as exc:
+                log.exception("batch handler failed on %s; will be redelivered", stream)
+                outcomes, to_settle = [exc] * len(msgs), True
+            if to_settle:
+                await asyncio.gather(
+                    *(
+                        settle(js, msg, outcome, retry)
+                        for msg, outcome in zip(msgs, outcomes, strict=True)
+                    )
+                )
     finally:
-        await sub.unsubscribe()
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
 
 
-async def handle_one(js: JetStreamContext, msg: Msg, handle: Handler, retry: RetryPolicy) -> None:
-    deliveries = msg.metadata.num_delivered
-    if deliveries > retry.hung_deliveries:
-        # Its handler never got through the earlier deliveries (hung, its process died on
-        # it, or the infrastructure was away all that time).
-        await _give_up(js, msg, f"not handled in {deliveries - 1} deliveries")
-        return
+async def settle(js: JetStreamContext, msg: Msg, outcome: Outcome, retry: RetryPolicy) -> None:
+    """Acks, dead-letters or naks one message as its outcome says."""
     try:
-        await handle(msg)
-    except Undeliverable as exc:
-        await _give_up(js, msg, f"undeliverable: {exc}")
-    except Exception as exc:
-        if deliveries >= retry.max_deliver and not isinstance(exc, retry.transient):
-            await _give_up(js, msg, f"failed {deliveries} times; last: {type(exc).__name__}: {exc}")
-            return
-        delay = backoff_s(deliveries, base_s=retry.backoff_base_s, cap_s=retry.backoff_max_s)
-        log.exception(
-            "handler failed on %s (delivery %d); redelivered in %.1f s",
-            msg.subject,
-            deliveries,
-            delay,
+        if outcome is None:
+            await msg.ack_sync()
+        elif isinstance(outcome, Undeliverable):
+            await _give_up(js, msg, f"undeliverable: {outcome}")
+        else:
+            deliveries = msg.metadata.num_delivered
+            if deliveries >= retry.max_deliver and not isinstance(outcome, retry.transient):
+                reason = f"failed {deliveries} times; last: {type(outcome).__name__}: {outcome}"
+                await _give_up(js, msg, reason)
+                return
+            delay = backoff_s(deliveries, base_s=retry.backoff_base_s, cap_s=retry.backoff_max_s)
+            log.error(
+                "handler failed on %s (delivery %d): %s: %s; redelivered in %.1f s",
+                msg.subject,
+                deliveries,
+                type(outcome).__name__,
+                outcome,
+                delay,
+            )
+            await msg.nak(delay=delay)
+    except (NatsError, TimeoutError) as exc:
+        # The broker is away (restart, leader election): the message comes back after its
+        # ack wait and is handled again, idempotently. Not raised: that would end the worker.
+        log.warning(
+            "could not settle a message of %s (%s); it will be redelivered", msg.subject, exc
         )
-        await msg.nak(delay=delay)
-    else:
-        await msg.ack_sync()
 
 
 async def _give_up(js: JetStreamContext, msg: Msg, reason: str) -> None:
@@ -131,6 +211,7 @@ async def _give_up(js: JetStreamContext, msg: Msg, reason: str) -> None:
     except Exception:
         # Not terminated: it comes back and is given up on again then.
         log.exception("could not dead-letter a message of %s; retrying later", msg.subject)
-        await msg.nak(delay=5.0)
+        with contextlib.suppress(NatsError, TimeoutError):
+            await msg.nak(delay=5.0)
         return
     await msg.term()

@@ -5,6 +5,10 @@ publish retried inside the dedupe window is stored once. Beyond the window, exac
 from the relay's tracked position: the larger of the one it saved in the FORGELINE_RELAY bucket
 and the position of the last message the stream holds, so a crash between publishing and
 saving the position never republishes.
+
+It looks at the store again when `idle` (given by the composition root: a wait for the LISTEN
+wake-ups of forgeline/store_wakeups.py, with a slow poll as a fallback) returns; without it, it
+polls every `idle_wait_s`.
 """
 
 from __future__ import annotations
@@ -13,12 +17,13 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import anyio
 from eventsourcing.persistence import Notification
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, NotFoundError
+from nats.js.kv import KeyValue
 
 from broker import envelope, subjects
 from domain.application import Forgeline, aggregate_name, event_type
@@ -36,6 +41,7 @@ class Relay:
         *,
         batch_size: int = 500,
         idle_wait_s: float = 0.02,
+        idle: Callable[[asyncio.Event], Awaitable[None]] | None = None,
         ack_timeout_s: float = 10.0,
     ) -> None:
         self._app = app
@@ -43,18 +49,25 @@ class Relay:
         self._js = js
         self._batch_size = batch_size
         self._idle_wait_s = idle_wait_s
+        self._idle = idle
         self._position: int | None = None
+        self._kv: KeyValue | None = None  # looked up once: each lookup is a stream info request
 
     async def tracked_position(self) -> int:
         """The last position known to be on the stream (0 when none)."""
         saved = 0
-        kv = await self._js.key_value(subjects.RELAY_BUCKET)
+        kv = await self._bucket()
         try:
             entry = await kv.get(_POSITION_KEY)
             saved = int(entry.value or b"0")
         except KeyNotFoundError:
             pass
         return max(saved, await self._last_position_on_stream())
+
+    async def _bucket(self) -> KeyValue:
+        if self._kv is None:
+            self._kv = await self._js.key_value(subjects.RELAY_BUCKET)
+        return self._kv
 
     async def _last_position_on_stream(self) -> int:
         info = await self._js.stream_info(subjects.EVENTS_STREAM)
@@ -94,7 +107,7 @@ class Relay:
         # again (the same Nats-Msg-Ids) rather than wait forever.
         await asyncio.wait_for(asyncio.gather(*acks), self._ack_timeout_s)
         self._position = notifications[-1].id
-        kv = await self._js.key_value(subjects.RELAY_BUCKET)
+        kv = await self._bucket()
         await kv.put(_POSITION_KEY, str(self._position).encode())
         return len(notifications)
 
@@ -106,11 +119,15 @@ class Relay:
             except Exception:
                 log.exception("relay: publishing failed; retrying in 1 s")
                 self._position = None  # re-read the tracked position after a failure
+                self._kv = None
                 published = 0
                 await _wait(stop, 1.0)
                 continue
             if not published:
-                await _wait(stop, self._idle_wait_s)
+                if self._idle is not None:
+                    await self._idle(stop)
+                else:
+                    await _wait(stop, self._idle_wait_s)
 
 
 async def _wait(stop: asyncio.Event, seconds: float) -> None:

@@ -22,7 +22,7 @@ from pydantic import SecretStr
 
 from broker import subjects
 from broker.connection import connect
-from broker.consumer import consume, durable_config
+from broker.consumer import consume_batches, durable_config
 from broker.relay import Relay
 from broker.streams import StreamSettings, ensure_streams
 from domain.application import Forgeline
@@ -32,6 +32,7 @@ from forgeline.provisioning import Workspaces, open_workspaces
 from forgeline.settings import Settings, eventsourcing_env
 from forgeline.startup import ALL_ROLES, StartupError
 from forgeline.store_integrity import ensure_store_integrity
+from forgeline.store_wakeups import StoreWakeups
 from forgeline.tracing import traced_asgi
 from gateway import idempotency
 from gateway import keys as api_keys
@@ -40,7 +41,7 @@ from gateway.deps import GatewayDeps
 from handlers.agents import all_agents
 from handlers.agents.base import Agent
 from handlers.breaker import EngineBreaker
-from handlers.commands import command_message_handler
+from handlers.commands import command_batch_handler
 from handlers.execution import Executor, ExecutorSettings
 from handlers.retry_policy import HANDLER_RETRY
 from handlers.scheduling import POOL_OPTIONS as QUEUE_POOL_OPTIONS
@@ -182,7 +183,10 @@ async def run_services(
     llm_proxy: WorkerLlmProxy | None = None
     try:
         await ensure_streams(js, StreamSettings(replicas=settings.stream_replicas))
-        projector = ProjectionRunner(app, servers.database_url)
+        wakeups = StoreWakeups(servers.database_url)
+        projector = ProjectionRunner(
+            app, servers.database_url, idle=wakeups.idle_waiter() if "projector" in roles else None
+        )
         await anyio.to_thread.run_sync(projector.create_tables)
         if "projector" not in roles:
             projector.close()  # its connection served the tables only
@@ -202,7 +206,9 @@ async def run_services(
         if "projector" in roles:
             jobs.append(projector.run(stop))
         if "relay" in roles:
-            jobs.append(Relay(app, js).run(stop))
+            jobs.append(Relay(app, js, idle=wakeups.idle_waiter()).run(stop))
+        if "projector" in roles or "relay" in roles:
+            jobs.append(wakeups.run(stop))
         if workspaces is not None and llm_proxy is not None:
             queue_pool = AsyncConnectionPool(
                 servers.database_url,
@@ -337,11 +343,11 @@ async def _worker_jobs(
         discard=getattr(provisioner, "discard", None),
         llm=llm_proxy.grants,
     )
-    commands = consume(
+    commands = consume_batches(
         js,
         subjects.COMMANDS_STREAM,
         durable_config(subjects.COMMAND_HANDLER_DURABLE, [subjects.COMMANDS_SUBJECTS]),
-        command_message_handler(app, js),  # js: records each run's trace when tracing is on
+        command_batch_handler(app, js),  # js: records each run's trace when tracing is on
         stop,
         retry=HANDLER_RETRY,
     )

@@ -41,6 +41,16 @@ def step(name: str) -> Iterator[Span]:
         yield span
 
 
+@contextlib.contextmanager
+def within(span: Span | None) -> Iterator[None]:
+    """Makes span the current one (the parent of the spans made inside), without ending it."""
+    if span is None or not broker_tracing.enabled():
+        yield
+        return
+    with trace.use_span(span, end_on_exit=False):
+        yield
+
+
 def traced(name: str) -> Callable[[Callable[P, Awaitable[T]]], Callable[P, Coroutine[Any, Any, T]]]:
     """Decorates an async function: each call is the span `forgeline.<name>`."""
 

@@ -3,6 +3,10 @@
 Each batch of events and the runner's new position are written in one transaction, and the
 position only moves from the value this runner read: a batch is applied exactly once, even
 with two runners racing (the loser rolls back and reads again).
+
+It looks at the store again when `idle` (given by the composition root: a wait for the LISTEN
+wake-ups of forgeline/store_wakeups.py, with a slow poll as a fallback) returns; without it, it
+polls every `idle_wait_s`.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import anyio
 import psycopg
@@ -44,6 +48,7 @@ class ProjectionRunner:
         prefix: str = LIVE_PREFIX,
         batch_size: int = 500,
         idle_wait_s: float = 0.02,
+        idle: Callable[[asyncio.Event], Awaitable[None]] | None = None,
     ) -> None:
         self._app = app
         self._conninfo = conninfo
@@ -52,6 +57,7 @@ class ProjectionRunner:
         self._applier = Applier(prefix)
         self._batch_size = batch_size
         self._idle_wait_s = idle_wait_s
+        self._idle = idle
         self._conn: psycopg.Connection[tuple[object, ...]] | None = None
 
     def _connection(self) -> psycopg.Connection[tuple[object, ...]]:
@@ -159,7 +165,10 @@ class ProjectionRunner:
                 await _wait(stop, 1.0)
                 continue
             if not applied:
-                await _wait(stop, self._idle_wait_s)
+                if self._idle is not None:
+                    await self._idle(stop)
+                else:
+                    await _wait(stop, self._idle_wait_s)
         self.close()
 
 

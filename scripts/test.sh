@@ -19,3 +19,15 @@ echo "==> mypy"
 .venv/bin/mypy
 echo "==> pytest"
 .venv/bin/pytest -q -p no:cacheprovider "$@"
+
+if [ $# -eq 0 ]; then
+    # The benchmark suite at tiny sizes (docs/benchmarks.md), so that it does not rot: no
+    # thresholds, it only has to run end to end. Case 6 (Celery + Redis) needs the bench extra
+    # and Debian's redis-server; the Docker row is left to the full run.
+    echo "==> bench smoke"
+    cases=1,2,3,4,5,7
+    if .venv/bin/python -c 'import celery, redis' 2>/dev/null && command -v redis-server >/dev/null; then
+        cases=$cases,6
+    fi
+    .venv/bin/python -m bench --quick --no-docker --cases "$cases" --out "$(mktemp -d)"
+fi

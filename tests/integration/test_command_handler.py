@@ -12,19 +12,21 @@ import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 from uuid import UUID
 
+import psycopg
 import pytest
 from nats.js import JetStreamContext
 
 from broker import subjects
 from broker.commands import AnyCommand, publish_command
-from broker.consumer import consume, durable_config
+from broker.consumer import consume_batches, durable_config
 from domain.application import Forgeline
 from domain.commands import CancelRequest, RequestSpec, RerunRequest, SubmitRequest
 from domain.status import RunStatus
 from forgeline.bootstrap import open_store
-from handlers.commands import command_message_handler
+from handlers.commands import command_batch_handler
 from tests.integration.conftest import event_type_counts, eventually, in_thread, kill
 
 
@@ -76,11 +78,11 @@ async def command_handler(js: JetStreamContext, app: Forgeline) -> AsyncIterator
     """The worker's command consumer (as bootstrap wires it), running until the block ends."""
     stop = asyncio.Event()
     task = asyncio.create_task(
-        consume(
+        consume_batches(
             js,
             subjects.COMMANDS_STREAM,
             durable_config(subjects.COMMAND_HANDLER_DURABLE, [subjects.COMMANDS_SUBJECTS]),
-            command_message_handler(app),
+            command_batch_handler(app),
             stop,
         )
     )
@@ -285,3 +287,112 @@ async def test_command_naming_an_unknown_request_is_terminated(
 
     assert redelivered == 0
     assert event_type_counts(database_url) == {}
+
+
+def transactions_of_requests(database_url: str) -> int:
+    """How many transactions wrote the RequestSubmitted events (xmin: the writing one)."""
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute(
+            "SELECT count(DISTINCT xmin::text) FROM forgeline_events"
+            " WHERE topic LIKE '%RequestSubmitted%'"
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def test_a_backlog_is_saved_in_few_transactions_and_copies_in_it_record_nothing(
+    js: JetStreamContext, store: Forgeline, database_url: str
+) -> None:
+    """A backlog arrives as pull batches: copies of a command in the same batch, a cancel
+    behind the submit it cancels, a copy of a command handled long before."""
+    handled_before = submit_command(prompt="echo before")
+    async with command_handler(js, store):
+        await publish_command(js, handled_before)
+        await handled(js)
+    submits = [submit_command(prompt=f"echo {i}") for i in range(30)]
+    cancels = [
+        CancelRequest(command_id=f"cmd-{uuid.uuid4()}", request_id=s.request_id, run_id=s.run_id)
+        for s in submits[:5]
+    ]
+    for command in [*submits, *cancels]:
+        await publish_twice(js, command)
+    await publish_copy(js, handled_before, "redelivered")
+
+    async with command_handler(js, store):
+        await handled(js)
+        _, _, redelivered, _ = await consumer_state(js)
+
+    assert redelivered == 0
+    assert event_type_counts(database_url) == {
+        "RequestSubmitted": 31,
+        "RunQueued": 31,
+        "CancelRequested": 5,
+        "RunCancelled": 5,
+    }
+    for submit in submits[:5]:
+        assert await run_status(store, submit.run_id) is RunStatus.CANCELLED
+    for submit in submits[5:]:
+        assert await run_status(store, submit.run_id) is RunStatus.QUEUED
+    # 31 submits, the first alone: far fewer transactions than commands.
+    assert transactions_of_requests(database_url) <= 5
+    # Store order is command order (as one-by-one saves would have it): the submits' events,
+    # each request's before its run's, then the cancels'.
+    with psycopg.connect(database_url) as conn:
+        types = [
+            str(row[0]).rsplit(".", 1)[-1]
+            for row in conn.execute("SELECT topic FROM forgeline_events ORDER BY notification_id")
+        ]
+    assert types == ["RequestSubmitted", "RunQueued"] * 31 + ["CancelRequested", "RunCancelled"] * 5
+
+
+async def test_a_batch_that_loses_a_race_ends_with_every_command_applied_once(
+    js: JetStreamContext, store: Forgeline, database_url: str
+) -> None:
+    """Another writer (a worker claiming the run) saves between the batch's load and its
+    save: the batch's one transaction fails (IntegrityError) and records nothing; the
+    commands go again one by one against the store."""
+    first = submit_command(prompt="echo first")
+    async with command_handler(js, store):
+        await publish_command(js, first)
+        await handled(js)
+    cancel = CancelRequest(
+        command_id=f"cmd-{uuid.uuid4()}", request_id=first.request_id, run_id=first.run_id
+    )
+    others = [submit_command(prompt=f"echo {i}") for i in range(10)]
+    for command in [others[0], cancel, *others[1:]]:
+        await publish_twice(js, command)
+
+    other_writer = await in_thread(open_store, database_url)
+    real_save = store.save
+    raced: list[int] = []
+
+    def save_after_a_rival(*objs: Any, **kwargs: Any) -> Any:
+        if not raced and len(objs) > 2:  # the batch's save, not a one-by-one one
+            run = other_writer.get_run(first.run_id)
+            run.start_provisioning("rival-worker")
+            other_writer.save(run)
+            raced.append(len(objs))
+        return real_save(*objs, **kwargs)
+
+    store.save = save_after_a_rival  # type: ignore[method-assign]
+    try:
+        async with command_handler(js, store):
+            await handled(js)
+            _, _, redelivered, _ = await consumer_state(js)
+    finally:
+        store.save = real_save  # type: ignore[method-assign]
+        other_writer.close()
+
+    assert raced, "the batch was never saved in one piece"
+    assert redelivered == 0
+    assert event_type_counts(database_url) == {
+        "RequestSubmitted": 11,
+        "RunQueued": 11,
+        "ProvisioningStarted": 1,
+        # Decided again against the claimed run: asked of the worker, not cancelled at once.
+        "CancelRequested": 1,
+    }
+    run = await in_thread(store.get_run, first.run_id)
+    assert (run.status, run.cancel_requested) == (RunStatus.PROVISIONING, True)
+    for submit in others:
+        assert await run_status(store, submit.run_id) is RunStatus.QUEUED
