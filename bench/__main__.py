@@ -13,6 +13,7 @@ no thresholds; it fails only when a case cannot run. See docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import datetime
 import json
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import PROFILE_DIR_ENV, REPO_ROOT, Config, Row, Stack, make_repo, stack
+from bench.e2e_latency import WORKSPACE_IMAGE
 
 CASES = {
     "1": "command ingest",
@@ -38,6 +40,7 @@ CASES = {
     "5": "drain",
     "6": "vs Celery + Redis + Postgres",
     "7": "scale",
+    "8": "recovery after a worker is killed",
 }
 
 
@@ -295,6 +298,10 @@ def run_cases(st: Stack, cfg: Config, selected: list[str], docker_skip: str | No
         case("6", six)
     if "7" in selected:
         case("7", lambda: scale.run(st, cfg, repo))
+    if "8" in selected:
+        from bench import recovery
+
+        case("8", lambda: asyncio.run(recovery.run(cfg, st, repo)))
     return rows, log
 
 
@@ -327,7 +334,7 @@ def main() -> int:
         overrides["scale_big"] = args.scale
     docker_skip = "--no-docker" if args.no_docker else None
     if docker_skip is None and "4" in selected:
-        docker_skip = docker_state("forgeline/workspace:bookworm-1")
+        docker_skip = docker_state(WORKSPACE_IMAGE)
     overrides["docker"] = docker_skip is None
     cfg = Config.make(quick=args.quick, rounds=args.rounds, trials=args.trials, **overrides)
 

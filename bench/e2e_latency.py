@@ -34,10 +34,11 @@ from bench.common import (
     make_repo,
     stack,
 )
+from forgeline.settings import Settings
 
 SCRIPT = NOOP_SCRIPT
 POLL_S = 0.005
-WORKSPACE_IMAGE = "forgeline/workspace:bookworm-1"
+WORKSPACE_IMAGE = Settings().workspace_image  # the image the workers use
 
 
 def by_hand(repo: Path, workdir: Path, index: int) -> float:
