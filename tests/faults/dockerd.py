@@ -70,6 +70,10 @@ class PrivateDockerd:
         self._log = (self.root / "dockerd.log").open("ab")
         self.proc = subprocess.Popen(
             [
+                # Its own network namespace: a dockerd with --bridge none deletes the docker0
+                # interface it finds (libnetwork's removeDefaultBridgeInterface), which would
+                # take the machine's engine's default bridge away.
+                *(["unshare", "--net", "--"] if shutil.which("unshare") else []),
                 binary,
                 "--host",
                 self.url,
