@@ -8,6 +8,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from psycopg import OperationalError
+from psycopg_pool import PoolTimeout
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -90,6 +92,17 @@ def _allowed_methods(request: Request) -> str:
     return ", ".join(sorted(methods))
 
 
+async def _store_unavailable(request: Request, exc: Exception) -> Response:
+    # Postgres away (restarting, unreachable): the client may retry; nothing was recorded.
+    log.warning("the database does not answer on %s %s: %s", request.method, request.url.path, exc)
+    return error_response(
+        503,
+        "store_unavailable",
+        "the database does not answer; nothing was recorded, retry later",
+        headers={"Retry-After": "1"},
+    )
+
+
 async def _unexpected(request: Request, exc: Exception) -> Response:
     log.exception("unexpected error on %s %s", request.method, request.url.path)
     return error_response(500, "internal_error", "an unexpected error occurred; see the logs")
@@ -98,5 +111,7 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
 EXCEPTION_HANDLERS = {
     ApiError: _api_error,
     HTTPException: _http_error,
+    OperationalError: _store_unavailable,
+    PoolTimeout: _store_unavailable,
     Exception: _unexpected,
 }
