@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
 from dataclasses import dataclass
 
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import (
     KeyValueConfig,
@@ -11,9 +16,14 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import NotFoundError
+from nats.js.errors import NotFoundError, ServiceUnavailableError
 
 from broker import subjects
+
+log = logging.getLogger(__name__)
+
+# JetStream not answering yet: a cluster electing its leaders, a server still starting.
+_NOT_READY = (NatsTimeoutError, NoRespondersError, ServiceUnavailableError)
 
 DAY = 86_400.0
 
@@ -68,9 +78,31 @@ def stream_configs(settings: StreamSettings) -> list[StreamConfig]:
     ]
 
 
-async def ensure_streams(js: JetStreamContext, settings: StreamSettings | None = None) -> None:
-    """Creates the streams and the relay's bucket, or updates them to the declared config."""
+async def ensure_streams(
+    js: JetStreamContext, settings: StreamSettings | None = None, *, ready_within_s: float = 60.0
+) -> None:
+    """Creates the streams and the relay's bucket, or updates them to the declared config.
+    Waits (with backoff) up to ready_within_s for a JetStream that does not answer yet."""
     settings = settings or StreamSettings()
+    deadline = time.monotonic() + ready_within_s
+    delay = 0.2
+    while True:
+        try:
+            await _declare(js, settings)
+            return
+        except _NOT_READY as exc:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning(
+                "JetStream is not ready (%s); declaring the streams again in %.1f s",
+                type(exc).__name__,
+                delay,
+            )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+async def _declare(js: JetStreamContext, settings: StreamSettings) -> None:
     for config in stream_configs(settings):
         try:
             await js.stream_info(config.name or "")
