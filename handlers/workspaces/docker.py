@@ -29,6 +29,7 @@ from handlers.workspaces.base import (
     WorkspaceDiff,
     WorkspaceError,
     WorkspaceSpec,
+    WorkspaceUnavailable,
 )
 from handlers.workspaces.docker_engine import (
     AGENT_UID,
@@ -147,6 +148,8 @@ class DockerWorkspace:
                 f" && git diff --cached --binary {base}",
             ]
         )
+        if code in (126, 137):  # could not start, or killed: the container is stopping
+            raise WorkspaceUnavailable(f"git diff could not run in the container (exit {code})")
         if code != 0:
             raise WorkspaceError(f"git diff failed in the container (exit {code})")
         numstat, _, raw = out.partition(b"\0")

@@ -30,6 +30,15 @@ LABEL_WORKER = "org.forgeline.worker"
 _CANNOT_CONNECT = 900  # aiodocker's status for "the engine did not answer"
 
 
+def _engine_went_away(exc: aiodocker.DockerError) -> bool:
+    """The container stopped under the run, or the engine is shutting down: what an engine
+    restart does (the fault suite's dockerd restart saw both), not the agent or the request."""
+    message = str(exc.message)
+    return (exc.status == 409 and "is not running" in message) or (
+        exc.status >= 500 and "connection is closing" in message
+    )
+
+
 @contextlib.asynccontextmanager
 async def engine_call(what: str, timeout_s: float | None = CALL_TIMEOUT_S) -> AsyncIterator[None]:
     """Maps an engine that does not answer to WorkspaceUnavailable (worth retrying) and an
@@ -40,6 +49,9 @@ async def engine_call(what: str, timeout_s: float | None = CALL_TIMEOUT_S) -> As
     except aiodocker.DockerError as exc:
         if exc.status == _CANNOT_CONNECT:
             raise WorkspaceUnavailable(f"the Docker engine does not answer ({what})") from exc
+        if _engine_went_away(exc):
+            why = f"the Docker engine restarted under the run ({what})"
+            raise WorkspaceUnavailable(why) from exc
         raise WorkspaceError(f"{what}: {exc.message}") from exc
     except (aiohttp.ClientError, OSError) as exc:
         raise WorkspaceUnavailable(f"the Docker engine does not answer ({what}): {exc}") from exc
