@@ -217,8 +217,7 @@ def markdown_table(rows: list[Row]) -> str:
 
 
 def run_cases(st: Stack, cfg: Config, selected: list[str], docker_skip: str | None) -> Any:
-    from bench import (
-        alternative,
+    from bench import (  # case 6's alternative is imported only when selected: it needs celery
         drain,
         e2e_latency,
         ingest,
@@ -290,6 +289,8 @@ def run_cases(st: Stack, cfg: Config, selected: list[str], docker_skip: str | No
     if "6" in selected:
 
         def six() -> list[Row]:
+            from bench import alternative
+
             try:
                 return alternative.run(st, cfg, repo, mine)
             except alternative.Unavailable as why:

@@ -24,6 +24,13 @@ if [ "${FORGELINE_SKIP_BROWSER:-0}" != 1 ] && ! command -v chromium >/dev/null 2
             "(as root: apt-get install chromium; FORGELINE_SKIP_BROWSER=1 silences this)" >&2
     fi
 fi
+# The benchmarks' alternative stack (bench case 6, run by CI's bench smoke) starts its own
+# redis-server from Debian's package. FORGELINE_SKIP_BENCH=1 skips it.
+if [ "${FORGELINE_SKIP_BENCH:-0}" != 1 ] && ! command -v redis-server >/dev/null 2>&1 \
+    && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    say "installing Debian's redis-server (bench case 6 starts its own)"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+fi
 # -----------------------------------------------------------------------------------------------
 
 find_python() {
@@ -72,7 +79,7 @@ fi
 
 say "upgrading pip"
 .venv/bin/python -m pip install --quiet --upgrade pip
-say "installing forgeline (editable) with its test tools"
-.venv/bin/python -m pip install --quiet -e '.[test]'
+say "installing forgeline (editable) with its test and benchmark tools"
+.venv/bin/python -m pip install --quiet -e '.[test,bench]'
 echo "$want" > "$stamp"
 say "done: .venv ready ($(.venv/bin/python -V)); run scripts/test.sh for the checks and tests"
