@@ -36,7 +36,8 @@ Inject = Callable[[Deployment, Load], None]
 class Plan:
     name: str
     injected: str  # what was done, for the report
-    requests: int = 100
+    # "A few hundred" per scenario; FAULTS_REQUESTS changes it (e.g. a quick local run).
+    requests: int = int(os.environ.get("FAULTS_REQUESTS") or 200)
     rate: float = 20.0  # submitted per second
     settle_timeout: float = 150.0  # for every accepted run to end, once the load is in
     allowed_unexpected: Sequence[str] = ()  # outcomes the fault may cause (see Report)
