@@ -53,6 +53,8 @@ def invariant_table(reports: list[dict[str, Any]]) -> str:
     for r in reports:
         s = r["seconds"]
         leaks = f"{r['leaked_containers']} / {r['leaked_workspaces']} / {r['leaked_agents']}"
+        if r.get("engine_dead_containers"):
+            leaks += f" (+{r['engine_dead_containers']} dead in the engine)"
         lines.append(
             f"| {r['scenario']} | {r['store_events']} | {r['duplicated']} | {r['version_gaps']}"
             f" | {r['projection_mismatches']} | {r['stream_missing']} | {leaks}"

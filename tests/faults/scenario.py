@@ -152,6 +152,9 @@ def check(report: Report, deployment: Deployment, load: LoadResult) -> None:
     installation = checker.installation(deployment.database_url)
     if docker_url and installation:
         report.leaked_containers = len(checker.containers_of(docker_url, installation))
+        report.engine_dead_containers = len(
+            checker.containers_of(docker_url, installation, dead=True)
+        )
     checker.finish(report)
 
 
