@@ -34,8 +34,9 @@ def _engine_went_away(exc: aiodocker.DockerError) -> bool:
     """The container stopped under the run, or the engine is shutting down: what an engine
     restart does (the fault suite's dockerd restart saw both), not the agent or the request."""
     message = str(exc.message)
-    return (exc.status == 409 and "is not running" in message) or (
-        exc.status >= 500 and "connection is closing" in message
+    return "is not running" in message or (
+        exc.status >= 500
+        and ("connection is closing" in message or "transport is closing" in message)
     )
 
 

@@ -20,6 +20,8 @@ async def _raise_through_engine_call(status: int, message: str) -> None:
     [
         (409, "Container 3f2a is not running"),
         (500, "rpc error: code = Unavailable desc = grpc: the client connection is closing"),
+        (500, "Container 0af8 is not running: Exited (143) Less than a second ago"),
+        (500, "transport is closing: unavailable"),
         (900, "Cannot connect to Docker engine"),
     ],
 )
