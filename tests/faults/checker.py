@@ -18,16 +18,20 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
+import time
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from uuid import UUID
 
 import psycopg
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import ServiceUnavailableError
 from psycopg import sql
 
 from broker import subjects
@@ -273,13 +277,29 @@ async def _stream_messages(nats_url: str) -> int:
         await nc.close()
 
 
+T = TypeVar("T")
+
+
+def _when_jetstream_answers(read: Callable[[], T], attempts: int = 15) -> T:
+    """read(), again while JetStream answers 503 or not at all: a cluster whose killed node just
+    came back may move a stream's leader for a few seconds after the load settled."""
+    for attempt in range(attempts):
+        try:
+            return read()
+        except (ServiceUnavailableError, NatsTimeoutError, NoRespondersError):
+            if attempt == attempts - 1:
+                raise
+            time.sleep(1.0)
+    raise AssertionError("unreachable")
+
+
 def stream_messages(nats_url: str) -> int:
     """How many messages FORGELINE_EVENTS holds."""
-    return asyncio.run(_stream_messages(nats_url))
+    return _when_jetstream_answers(lambda: asyncio.run(_stream_messages(nats_url)))
 
 
 def check_stream(report: Report, facts: StoreFacts, nats_url: str) -> None:
-    seen = asyncio.run(stream_positions(nats_url))
+    seen = _when_jetstream_answers(lambda: asyncio.run(stream_positions(nats_url)))
     report.duplicates["stream_messages_per_event"] = sum(n - 1 for n in seen.values() if n > 1)
     report.stream_missing = facts.events - len(seen)
 
