@@ -45,13 +45,14 @@ from handlers.workspaces.base import Provisioner
 
 log = logging.getLogger(__name__)
 
-# The consumer takes every Run event and skips all but these: one subject filter works on
-# every nats-server, where a list of filters needs 2.10 or newer.
-RUN_EVENTS = subjects.event_subject("Run", "*")
 TRIGGERS = frozenset({"RunQueued", "RunRequeued"})
 # A run that ends while it waits (a cancel of a queued run) leaves the queue at once, so that
 # the positions of the runs behind it are right.
 ENDED_WAITING = frozenset({"RunCancelled", "RunFailed"})
+# The consumer is given only the Run events it acts on (a list of filters: nats-server 2.10 or
+# newer; the wheel's is 2.15): the others (ProvisioningStarted, RunStarted, ...) were four of
+# every five messages it fetched and acknowledged one by one, to skip them.
+EXECUTOR_FILTERS = sorted(subjects.event_subject("Run", t) for t in TRIGGERS | ENDED_WAITING)
 
 
 @dataclass(frozen=True)
@@ -129,7 +130,8 @@ class Executor:
     # -- queueing ---------------------------------------------------------------------------
 
     async def _consume_triggers(self, stop: asyncio.Event) -> None:
-        config = durable_config(subjects.EXECUTOR_DURABLE, [RUN_EVENTS], ack_wait_s=30.0)
+        # add_consumer updates a durable declared by an older version (one filter, Run.*).
+        config = durable_config(subjects.EXECUTOR_DURABLE, EXECUTOR_FILTERS, ack_wait_s=30.0)
         while not stop.is_set():
             try:
                 await consume(
@@ -149,7 +151,7 @@ class Executor:
     async def _enqueue(self, msg: Msg) -> None:
         event_type = msg.subject.rsplit(".", 1)[-1]
         if event_type not in TRIGGERS | ENDED_WAITING:
-            return
+            return  # delivered under the old filter (Run.*) before the durable was updated
         try:
             trigger = json.loads(msg.data)
             run_id = UUID(trigger["aggregateid"])
