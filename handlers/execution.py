@@ -40,7 +40,7 @@ from handlers.recovery import Discard, LostRunPolicy, Recovery
 from handlers.retry_policy import HANDLER_RETRY
 from handlers.run_attempt import RunAttempt
 from handlers.scheduling import RunQueue
-from handlers.store import decide_on_run_async, load_run
+from handlers.store import decide_and_hold_async, load_run
 from handlers.workspaces.base import Provisioner
 
 log = logging.getLogger(__name__)
@@ -200,22 +200,26 @@ class Executor:
         with log_context.bound(run_id=run_id):
             async with tracing.executing(self.js, run_id):
                 retry_after_s = 0.0
+                ended: Run | None = None  # the run as this attempt last saved it, if ended
                 try:
                     run = await load_run(self.app, run_id)
                     if run.status is RunStatus.QUEUED:
                         try:
                             with tracing.step("claim"):
-                                run = await decide_on_run_async(self.app, run_id, self._claim)
+                                run, _ = await decide_and_hold_async(
+                                    self.app, run_id, self._claim, held=run
+                                )
                         except IllegalTransition:
                             pass  # cancelled meanwhile: settled below
                         else:
                             attempt = RunAttempt(self, run)
                             await attempt.go()
                             retry_after_s = attempt.retry_after_s
+                            ended = attempt.ended
                 finally:
                     self._settling.add(run_id)  # its row may go now: not a lost lease
                     try:
-                        await asyncio.shield(self._settle(run_id, retry_after_s))
+                        await asyncio.shield(self._settle(run_id, retry_after_s, ended))
                     finally:
                         self._settling.discard(run_id)
 
@@ -223,11 +227,12 @@ class Executor:
         run.start_provisioning(self.settings.worker)
         return run
 
-    async def _settle(self, run_id: UUID, retry_after_s: float) -> None:
+    async def _settle(self, run_id: UUID, retry_after_s: float, ended: Run | None) -> None:
         """After an attempt: an ended run leaves the queue, a handed-back one goes back in
-        its place; a run still active belongs to another attempt and keeps its lease."""
+        its place; a run still active belongs to another attempt and keeps its lease.
+        ended: the run as the attempt recorded its end (an ended run stays so: no reload)."""
         try:
-            run = await load_run(self.app, run_id)
+            run = ended or await load_run(self.app, run_id)
             if run.is_terminal:
                 await self.queue.remove(run_id)
             elif run.status is RunStatus.QUEUED:
