@@ -40,18 +40,19 @@ from handlers.recovery import Discard, LostRunPolicy, Recovery
 from handlers.retry_policy import HANDLER_RETRY
 from handlers.run_attempt import RunAttempt
 from handlers.scheduling import RunQueue
-from handlers.store import decide_on_run_async, load_run
+from handlers.store import decide_and_hold_async, load_run
 from handlers.workspaces.base import Provisioner
 
 log = logging.getLogger(__name__)
 
-# The consumer takes every Run event and skips all but these: one subject filter works on
-# every nats-server, where a list of filters needs 2.10 or newer.
-RUN_EVENTS = subjects.event_subject("Run", "*")
 TRIGGERS = frozenset({"RunQueued", "RunRequeued"})
 # A run that ends while it waits (a cancel of a queued run) leaves the queue at once, so that
 # the positions of the runs behind it are right.
 ENDED_WAITING = frozenset({"RunCancelled", "RunFailed"})
+# The consumer is given only the Run events it acts on (a list of filters: nats-server 2.10 or
+# newer; the wheel's is 2.15): the others (ProvisioningStarted, RunStarted, ...) were four of
+# every five messages it fetched and acknowledged one by one, to skip them.
+EXECUTOR_FILTERS = sorted(subjects.event_subject("Run", t) for t in TRIGGERS | ENDED_WAITING)
 
 
 @dataclass(frozen=True)
@@ -129,7 +130,8 @@ class Executor:
     # -- queueing ---------------------------------------------------------------------------
 
     async def _consume_triggers(self, stop: asyncio.Event) -> None:
-        config = durable_config(subjects.EXECUTOR_DURABLE, [RUN_EVENTS], ack_wait_s=30.0)
+        # add_consumer updates a durable declared by an older version (one filter, Run.*).
+        config = durable_config(subjects.EXECUTOR_DURABLE, EXECUTOR_FILTERS, ack_wait_s=30.0)
         while not stop.is_set():
             try:
                 await consume(
@@ -149,7 +151,7 @@ class Executor:
     async def _enqueue(self, msg: Msg) -> None:
         event_type = msg.subject.rsplit(".", 1)[-1]
         if event_type not in TRIGGERS | ENDED_WAITING:
-            return
+            return  # delivered under the old filter (Run.*) before the durable was updated
         try:
             trigger = json.loads(msg.data)
             run_id = UUID(trigger["aggregateid"])
@@ -198,22 +200,26 @@ class Executor:
         with log_context.bound(run_id=run_id):
             async with tracing.executing(self.js, run_id):
                 retry_after_s = 0.0
+                ended: Run | None = None  # the run as this attempt last saved it, if ended
                 try:
                     run = await load_run(self.app, run_id)
                     if run.status is RunStatus.QUEUED:
                         try:
                             with tracing.step("claim"):
-                                run = await decide_on_run_async(self.app, run_id, self._claim)
+                                run, _ = await decide_and_hold_async(
+                                    self.app, run_id, self._claim, held=run
+                                )
                         except IllegalTransition:
                             pass  # cancelled meanwhile: settled below
                         else:
                             attempt = RunAttempt(self, run)
                             await attempt.go()
                             retry_after_s = attempt.retry_after_s
+                            ended = attempt.ended
                 finally:
                     self._settling.add(run_id)  # its row may go now: not a lost lease
                     try:
-                        await asyncio.shield(self._settle(run_id, retry_after_s))
+                        await asyncio.shield(self._settle(run_id, retry_after_s, ended))
                     finally:
                         self._settling.discard(run_id)
 
@@ -221,11 +227,12 @@ class Executor:
         run.start_provisioning(self.settings.worker)
         return run
 
-    async def _settle(self, run_id: UUID, retry_after_s: float) -> None:
+    async def _settle(self, run_id: UUID, retry_after_s: float, ended: Run | None) -> None:
         """After an attempt: an ended run leaves the queue, a handed-back one goes back in
-        its place; a run still active belongs to another attempt and keeps its lease."""
+        its place; a run still active belongs to another attempt and keeps its lease.
+        ended: the run as the attempt recorded its end (an ended run stays so: no reload)."""
         try:
-            run = await load_run(self.app, run_id)
+            run = ended or await load_run(self.app, run_id)
             if run.is_terminal:
                 await self.queue.remove(run_id)
             elif run.status is RunStatus.QUEUED:

@@ -20,7 +20,7 @@ from domain.run import Run
 from domain.status import FailureCode, RequeueCause, RunStatus
 from handlers import log_context, tracing
 from handlers.budget import budget_failure, llm_access
-from handlers.store import decide_on_run_async, load_run
+from handlers.store import decide_and_hold_async, load_run
 from handlers.workspaces.base import (
     AgentTimedOut,
     RepoUnreachable,
@@ -53,6 +53,9 @@ class RunAttempt:
     def __init__(self, executor: Executor, run: Run) -> None:
         self._x = executor
         self._run = run
+        # The run as this attempt last saved it: its next decision is taken on it, without a
+        # reload (handlers/store.py decide_and_hold); None when it must be reloaded.
+        self._held: Run | None = run
         self._log = RunLogWriter(executor.js, run.id, attempt=run.attempt)
         self._workspace: Workspace | None = None
         self._attempt = run.attempt  # the fencing token: records only while it is current
@@ -303,4 +306,10 @@ class RunAttempt:
                 )
             decide(run)
 
-        await decide_on_run_async(self._x.app, self._run.id, fenced)
+        held, self._held = self._held, None  # used up, whatever happens (see decide_and_hold)
+        _, self._held = await decide_and_hold_async(self._x.app, self._run.id, fenced, held=held)
+
+    @property
+    def ended(self) -> Run | None:
+        """The run as this attempt recorded its end; None if it did not (or cannot tell)."""
+        return self._held if self._held is not None and self._held.is_terminal else None

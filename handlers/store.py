@@ -1,4 +1,4 @@
-"""Deciding against the store: load, decide, save; on a concurrent write, reload and decide again.
+"""Deciding against the store: decide, save; on a concurrent write, reload and decide again.
 
 eventsourcing's API is synchronous, so every call here runs in a worker thread.
 """
@@ -20,9 +20,38 @@ T = TypeVar("T")
 MAX_DECISION_ATTEMPTS = 10
 
 
-def decide_on_run(app: Forgeline, run_id: UUID, decide: Callable[[Run], T]) -> T:
+def decide_on_run(
+    app: Forgeline, run_id: UUID, decide: Callable[[Run], T], *, held: Run | None = None
+) -> T:
     """Runs decide on a fresh Run and saves what it recorded, re-deciding when another
     writer saved first (IntegrityError); domain errors from decide propagate unchanged."""
+    return decide_and_hold(app, run_id, decide, held=held)[0]
+
+
+def decide_and_hold(
+    app: Forgeline, run_id: UUID, decide: Callable[[Run], T], *, held: Run | None = None
+) -> tuple[T, Run]:
+    """decide_on_run, first on `held` (a Run this caller loaded or saved earlier) instead of
+        a fresh load; returns decide's result and the Run as saved, to hold for the next decision.
+
+        Deciding on a held Run is as safe as on a fresh one: its events are saved at the next
+        versions, so the save fails (IntegrityError) if anyone else wrote since it was held; then,
+        and when decide refuses (the held Run may be behind the store), it is decided again on
+        a fresh Run. The held Run is used up either way (when the call fails it may hold events
+    that were never saved: deciding on it again could save them past a rival's), and one caller
+    decides on it at a time."""
+    if held is not None:
+        try:
+            result = decide(held)
+        except Exception:
+            pass  # the held Run may be behind the store: decided again on a fresh one
+        else:
+            try:
+                app.save(held)
+            except IntegrityError:
+                pass  # another writer saved first
+            else:
+                return result, held
     for _ in range(MAX_DECISION_ATTEMPTS):
         run = app.get_run(run_id)
         result = decide(run)
@@ -30,12 +59,18 @@ def decide_on_run(app: Forgeline, run_id: UUID, decide: Callable[[Run], T]) -> T
             app.save(run)
         except IntegrityError:
             continue
-        return result
+        return result, run
     raise RuntimeError(f"run {run_id}: {MAX_DECISION_ATTEMPTS} concurrent writes in a row")
 
 
 async def decide_on_run_async(app: Forgeline, run_id: UUID, decide: Callable[[Run], T]) -> T:
     return await anyio.to_thread.run_sync(decide_on_run, app, run_id, decide)
+
+
+async def decide_and_hold_async(
+    app: Forgeline, run_id: UUID, decide: Callable[[Run], T], *, held: Run | None
+) -> tuple[T, Run]:
+    return await anyio.to_thread.run_sync(lambda: decide_and_hold(app, run_id, decide, held=held))
 
 
 async def load_run(app: Forgeline, run_id: UUID) -> Run:

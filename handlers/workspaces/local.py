@@ -14,7 +14,7 @@ import shutil
 import signal
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from uuid import UUID
+from uuid import UUID, uuid4
 
 from handlers.workspaces.base import LineSink, WorkspaceDiff, WorkspaceSpec
 from handlers.workspaces.git import checkout, git_bytes, patch_of
@@ -64,7 +64,18 @@ class LocalWorkspace:
         return None
 
     async def close(self) -> None:
-        await asyncio.to_thread(shutil.rmtree, self._root, True)
+        """Moves the workspace aside at once (a rename) and removes it in a thread, off the
+        run's path: its slot is free for the next run while the files go (~7% of a drain's
+        CPU samples were rmtree). A worker that dies first leaves it to reap()."""
+        trash = self._root.with_name(f"{_TRASH_PREFIX}{self._root.name}-{uuid4().hex[:8]}")
+        try:
+            os.rename(self._root, trash)
+        except OSError:
+            await asyncio.to_thread(shutil.rmtree, self._root, True)
+            return
+        removal = asyncio.get_running_loop().run_in_executor(None, shutil.rmtree, trash, True)
+        _removals.add(removal)  # held until done: a task nobody holds may be collected
+        removal.add_done_callback(_removals.discard)
 
 
 class LocalProvisioner:
@@ -107,6 +118,9 @@ class LocalProvisioner:
 
 
 _MARKER = "FORGELINE_WORKSPACE"
+# Workspaces being removed: never a run's name (a UUID), so provision() never meets one.
+_TRASH_PREFIX = ".removing-"
+_removals: set[asyncio.Future[None]] = set()
 
 
 def _leftover_agents(workspaces: Path, *, exact: bool = False) -> list[int]:

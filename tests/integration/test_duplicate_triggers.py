@@ -12,7 +12,11 @@ import psycopg
 from nats.js import JetStreamContext
 
 from broker import subjects
+from broker.connection import connect
+from broker.consumer import durable_config
+from broker.streams import ensure_streams
 from domain.status import RunStatus
+from handlers.execution import EXECUTOR_FILTERS
 from tests.integration.conftest import eventually
 from tests.integration.worker_stack import (
     Services,
@@ -100,3 +104,32 @@ async def test_copies_of_triggers_while_running_and_after_the_end_record_nothing
         view = await svc.views.get_run(command.run_id)
         assert view is not None
         assert (view["status"], view["attempt"], view["queue_position"]) == ("succeeded", 1, None)
+
+
+async def test_a_worker_started_over_the_older_run_star_durable_narrows_it_and_runs_requests(
+    own_nats: str, database_url: str, git_repo: Path, tmp_path: Path
+) -> None:
+    """An executor durable declared by an earlier version (one filter: every Run event) with
+    messages waiting in it is updated in place, not broken: runs are executed, nothing waits."""
+    nc = await connect(own_nats, name="older-worker")
+    try:
+        js = nc.jetstream()
+        await ensure_streams(js)
+        older = durable_config(subjects.EXECUTOR_DURABLE, [subjects.event_subject("Run", "*")])
+        await js.add_consumer(subjects.EVENTS_STREAM, older)
+        await js.publish(
+            subjects.event_subject("Run", "RunStarted"),
+            b'{"aggregateid": "00000000-0000-0000-0000-000000000001"}',
+            stream=subjects.EVENTS_STREAM,
+        )
+    finally:
+        await nc.close()
+
+    async with services(own_nats, database_url, tmp_path / "data") as svc:
+        command = await submit(svc, git_repo, "echo upgraded >> README.md\n")
+        run = await finished(svc, command.run_id)
+        assert run.status is RunStatus.SUCCEEDED
+        info = await svc.js.consumer_info(subjects.EVENTS_STREAM, subjects.EXECUTOR_DURABLE)
+        assert sorted(info.config.filter_subjects or []) == EXECUTOR_FILTERS
+        assert not info.config.filter_subject
+        await eventually(lambda: triggers_handled(svc), message="nothing left to handle")

@@ -166,9 +166,13 @@ async def reaches(stack: Stack, run_id: UUID, status: RunStatus, timeout: float 
 
 
 async def released(stack: Stack, run_id: UUID) -> None:
-    """The run's workspace is removed (just after its terminal event is recorded)."""
-    workspace = stack.workspaces / str(run_id)
-    await eventually(lambda: not workspace.exists(), timeout=5, message=f"{workspace} removed")
+    """The run's workspace is removed (just after its terminal event is recorded): nothing
+    named after the run is left, not even the folder it was moved to for removal."""
+
+    def gone() -> bool:
+        return not any(str(run_id) in entry.name for entry in stack.workspaces.iterdir())
+
+    await eventually(gone, timeout=5, message=f"workspace of {run_id} removed")
 
 
 def git(repo: Path, *args: str, stdin: bytes | None = None) -> str:

@@ -21,7 +21,7 @@ from domain.request import Request
 from domain.run import Run
 from domain.status import RunStatus
 from forgeline.bootstrap import open_store
-from handlers.store import decide_on_run
+from handlers.store import decide_and_hold, decide_on_run
 
 
 @pytest.fixture
@@ -98,6 +98,14 @@ def test_two_writers_deciding_on_the_same_version_one_wins_the_other_gets_integr
     assert run_history(database_url, run_id) == [(1, "RunQueued"), (2, "ProvisioningStarted")]
     run = store.get_run(run_id)
     assert (run.status, run.worker, run.attempt) == (RunStatus.PROVISIONING, winners[0], 1)
+
+
+class _NoWait:
+    def wait(self) -> None:
+        pass
+
+
+NO_WAIT: Any = _NoWait()  # a Decider with no rival to wait for
 
 
 class Decider:
@@ -200,3 +208,44 @@ def test_many_workers_claiming_one_run_only_one_holds_it(database_url: str) -> N
     assert sum(o is None for o in outcomes) == 1
     assert all(isinstance(o, IllegalTransition) for o in outcomes if o is not None)
     assert run_history(database_url, run_id) == [(1, "RunQueued"), (2, "ProvisioningStarted")]
+
+
+def test_a_claim_decided_on_a_held_run_the_client_cancelled_since_is_refused(
+    store: Forgeline, other_store: Forgeline, database_url: str
+) -> None:
+    """The executor decides on the Run it holds, without a reload: when the client cancelled
+    since, the save fails and the claim, decided again on the fresh run, is refused."""
+    run_id = queued_run(store)
+    held = store.get_run(run_id)
+    decide_on_run(other_store, run_id, lambda r: r.request_cancel("by client", "cmd-cancel"))
+
+    with pytest.raises(IllegalTransition):
+        decide_and_hold(store, run_id, lambda r: r.start_provisioning("worker-a"), held=held)
+
+    assert [kind for _, kind in run_history(database_url, run_id)] == [
+        "RunQueued",
+        "CancelRequested",
+        "RunCancelled",
+    ]
+
+
+def test_decisions_on_a_held_run_record_every_fact_once_in_order_with_a_rival_between(
+    store: Forgeline, other_store: Forgeline, database_url: str
+) -> None:
+    """An attempt's decisions chain on the Run it holds; a cancel request saved by another
+    process between two of them is kept, and the next decision is taken on top of it."""
+    run_id = queued_run(store)
+    held = store.get_run(run_id)
+    _, held = decide_and_hold(store, run_id, lambda r: r.start_provisioning("w"), held=held)
+    start = Decider(lambda r: (r.record_workspace("local", "0" * 40), r.start()), NO_WAIT)
+    _, held = decide_and_hold(store, run_id, start, held=held)
+    assert start.calls == 1  # the held run was current: decided once, no reload
+    decide_on_run(other_store, run_id, lambda r: r.request_cancel("by client", "cmd-cancel"))
+    succeed = Decider(lambda r: r.succeed(0), NO_WAIT)
+    _, held = decide_and_hold(store, run_id, succeed, held=held)
+
+    assert succeed.calls == 2  # behind the store: decided again on the fresh run
+    history = run_history(database_url, run_id)
+    assert [version for version, _ in history] == [1, 2, 3, 4, 5, 6]
+    assert [kind for _, kind in history[3:]] == ["RunStarted", "CancelRequested", "RunSucceeded"]
+    assert held.status is RunStatus.SUCCEEDED and held.version == 6
