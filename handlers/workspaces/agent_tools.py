@@ -176,9 +176,12 @@ async def _pip_install(rootfs: Path, wheels: Path, progress: Progress) -> None:
         inside.rename(wheels)
 
 
-async def run_logged(argv: Sequence[str], env: Mapping[str, str], progress: Progress) -> None:
-    """Runs argv, each output line to progress (indented); raises ToolInstallFailed with the
-    last lines when it fails or runs over INSTALL_TIMEOUT_S."""
+async def stream_process(
+    argv: Sequence[str], env: Mapping[str, str], progress: Progress, timeout_s: float
+) -> tuple[int, list[str]]:
+    """Runs argv, each output line to progress (indented); returns its exit code and its last
+    lines. Past timeout_s (or when cancelled) its whole process group is killed and
+    TimeoutError (or the cancellation) is raised."""
     proc = await asyncio.create_subprocess_exec(
         *argv,
         stdin=subprocess.DEVNULL,
@@ -190,18 +193,25 @@ async def run_logged(argv: Sequence[str], env: Mapping[str, str], progress: Prog
     assert proc.stdout is not None
     tail: deque[str] = deque(maxlen=8)
     try:
-        async with asyncio.timeout(INSTALL_TIMEOUT_S):
+        async with asyncio.timeout(timeout_s):
             async for raw in proc.stdout:
                 tail.append(raw.decode(errors="replace").rstrip())
                 progress("  " + tail[-1])
-            code = await proc.wait()
-    except BaseException as exc:  # timeout or cancellation: the whole group goes
+            return await proc.wait(), list(tail)
+    except BaseException:  # timeout or cancellation: the whole group goes
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         await asyncio.shield(proc.wait())
-        if isinstance(exc, TimeoutError):
-            raise ToolInstallFailed(f"{argv[0]} ran over {INSTALL_TIMEOUT_S:g} s") from None
         raise
+
+
+async def run_logged(argv: Sequence[str], env: Mapping[str, str], progress: Progress) -> None:
+    """stream_process(); raises ToolInstallFailed with the last lines when argv fails or runs
+    over INSTALL_TIMEOUT_S."""
+    try:
+        code, tail = await stream_process(argv, env, progress, INSTALL_TIMEOUT_S)
+    except TimeoutError:
+        raise ToolInstallFailed(f"{argv[0]} ran over {INSTALL_TIMEOUT_S:g} s") from None
     if code != 0:
         shown = " ".join(argv[:4])
         raise ToolInstallFailed(f"`{shown} ...` failed (exit {code}): " + " | ".join(tail))

@@ -16,10 +16,8 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import uuid
-from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,7 +28,12 @@ import aiodocker
 import aiohttp
 from aiodocker.exceptions import DockerError
 
-from handlers.workspaces.agent_tools import ToolInstallFailed, install_agent_tools, pinned_tools
+from handlers.workspaces.agent_tools import (
+    ToolInstallFailed,
+    install_agent_tools,
+    pinned_tools,
+    stream_process,
+)
 from handlers.workspaces.base import WorkspaceError
 
 Progress = Callable[[str], None]  # phases as sentences; tool output lines start with "  "
@@ -276,29 +279,12 @@ async def _debootstrap(
     debs.mkdir(parents=True, exist_ok=True)  # downloaded .debs, kept for the next build
     opts = [f"--variant={recipe.variant}", f"--include={','.join(recipe.packages)}"]
     argv = ["debootstrap", *opts, f"--cache-dir={debs}", recipe.suite, str(rootfs), mirror]
-    proc = await asyncio.create_subprocess_exec(
-        *argv,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "LC_ALL": "C"},
-        start_new_session=True,
-    )
-    assert proc.stdout is not None
-    tail: deque[str] = deque(maxlen=8)
     try:
-        async with asyncio.timeout(DEBOOTSTRAP_TIMEOUT_S):
-            async for raw in proc.stdout:
-                tail.append(raw.decode(errors="replace").rstrip())
-                progress("  " + tail[-1])
-            code = await proc.wait()
-    except BaseException as exc:  # timeout or cancellation: the whole group goes
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        await asyncio.shield(proc.wait())
-        if isinstance(exc, TimeoutError):
-            raise ImageUnavailable(f"debootstrap ran over {DEBOOTSTRAP_TIMEOUT_S:g} s") from None
-        raise
+        code, tail = await stream_process(
+            argv, {**os.environ, "LC_ALL": "C"}, progress, DEBOOTSTRAP_TIMEOUT_S
+        )
+    except TimeoutError:
+        raise ImageUnavailable(f"debootstrap ran over {DEBOOTSTRAP_TIMEOUT_S:g} s") from None
     if code != 0:
         raise ImageUnavailable(
             f"debootstrap failed (exit {code}) with mirror {mirror}: "
