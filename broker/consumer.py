@@ -87,6 +87,7 @@ async def consume(
     retry: RetryPolicy | None = None,
 ) -> None:
     """Fetches and handles messages one at a time, in stream order, until stop is set."""
+    policy = retry or RetryPolicy()
 
     async def one_by_one(msgs: Sequence[Msg]) -> list[Outcome]:
         outcomes: list[Outcome] = []
@@ -98,10 +99,10 @@ async def consume(
             else:
                 outcomes.append(None)
             # Settled before the next one is handled: order and acks as one at a time.
-            await settle(js, msg, outcomes[-1], retry or RetryPolicy())
+            await settle(js, msg, outcomes[-1], policy)
         return outcomes
 
-    await _consume(js, stream, config, one_by_one, stop, batch=batch, retry=retry, settled=True)
+    await _consume(js, stream, config, one_by_one, stop, batch=batch, retry=policy, settled=True)
 
 
 async def consume_batches(
