@@ -43,7 +43,7 @@ from handlers.workspaces.docker_engine import (
     tar_files,
     tar_tree,
 )
-from handlers.workspaces.git import checkout, patch_of
+from handlers.workspaces.git import DIFF_ARGV, checkout, diff_from_output, patch_of
 from handlers.workspaces.llm_link import isolate, start_forwarder
 
 WORKDIR = "/workspace"
@@ -138,25 +138,17 @@ class DockerWorkspace:
 
     async def diff(self) -> WorkspaceDiff:
         # One exec in the common case (each costs about 100 ms on the engine); the careful
-        # path of patch_of only when the diff is not UTF-8.
+        # path of patch_of only when the diff is not storable text.
         base = self._base_commit
-        code, out = await self.output(
-            [
-                "sh",
-                "-c",
-                f"git add -A && git diff --cached --numstat {base} && printf '\\0'"
-                f" && git diff --cached --binary {base}",
-            ]
-        )
+        code, out = await self.output([*DIFF_ARGV, base])
         if code in (126, 137):  # could not start, or killed: the container is stopping
             raise WorkspaceUnavailable(f"git diff could not run in the container (exit {code})")
         if code != 0:
             raise WorkspaceError(f"git diff failed in the container (exit {code})")
-        numstat, _, raw = out.partition(b"\0")
-        try:
-            return WorkspaceDiff(raw.decode(), numstat.decode(errors="replace"))
-        except UnicodeDecodeError:
-            return await patch_of(self._git_bytes, self.write_scratch, base)
+        found = diff_from_output(out)
+        if found is None:
+            found = await patch_of(self._git_bytes, self.write_scratch, base)
+        return found
 
     async def _git_bytes(self, *args: str) -> bytes:
         code, out = await self.output(["git", *args])

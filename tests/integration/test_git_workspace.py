@@ -1,0 +1,102 @@
+"""handlers/workspaces/git.py against real git: the one-child checkout and diff."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from uuid import uuid4
+
+import pytest
+
+from handlers.workspaces.base import RepoUnreachable, WorkspaceError, WorkspaceSpec
+from handlers.workspaces.git import checkout, diff_on_host
+
+
+def _git(repo: Path, *args: str) -> str:
+    done = subprocess.run(["git", *args], cwd=repo, capture_output=True, check=True)
+    return done.stdout.decode().strip()
+
+
+@pytest.fixture
+def origin(tmp_path: Path) -> Path:
+    repo = tmp_path / "origin"
+    repo.mkdir()
+    _git(repo, "init", "--quiet", "--initial-branch=main")
+    (repo / "README.md").write_text("first\n")
+    _git(repo, "add", "-A")
+    _git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "--quiet", "-m", "one")
+    _git(repo, "checkout", "--quiet", "-b", "feature")
+    (repo / "feature.txt").write_text("on the branch\n")
+    _git(repo, "add", "-A")
+    _git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "--quiet", "-m", "two")
+    _git(repo, "checkout", "--quiet", "main")
+    return repo
+
+
+def _spec(repo: Path | str, ref: str | None = None, base_patch: str | None = None) -> WorkspaceSpec:
+    return WorkspaceSpec(
+        run_id=uuid4(), request_id=uuid4(), repo=str(repo), ref=ref, base_patch=base_patch
+    )
+
+
+async def test_checkout_of_a_branch_only_on_origin_is_detached_at_its_commit(
+    origin: Path, tmp_path: Path
+) -> None:
+    commit = await checkout(tmp_path / "ws", _spec(origin, "feature"))
+
+    assert commit == _git(origin, "rev-parse", "feature")
+    assert _git(tmp_path / "ws", "rev-parse", "HEAD") == commit
+    assert (tmp_path / "ws" / "feature.txt").read_text() == "on the branch\n"
+    # No template: no sample hooks in a workspace (nothing a run needs, files to delete).
+    assert not (tmp_path / "ws" / ".git" / "hooks").exists()
+
+
+async def test_checkout_names_the_bad_repo_or_ref(origin: Path, tmp_path: Path) -> None:
+    with pytest.raises(RepoUnreachable, match=r"cannot clone .*nowhere"):
+        await checkout(tmp_path / "a", _spec(tmp_path / "nowhere"))
+    with pytest.raises(RepoUnreachable, match="ref 'no-such-branch' does not name a commit"):
+        await checkout(tmp_path / "b", _spec(origin, "no-such-branch"))
+
+
+async def test_checkout_applies_the_base_patch_or_says_it_does_not_apply(
+    origin: Path, tmp_path: Path
+) -> None:
+    patch = (
+        "diff --git a/README.md b/README.md\n--- a/README.md\n+++ b/README.md\n"
+        "@@ -1 +1,2 @@\n first\n+second\n"
+    )
+    await checkout(tmp_path / "ok", _spec(origin, base_patch=patch))
+    assert (tmp_path / "ok" / "README.md").read_text() == "first\nsecond\n"
+
+    stale = patch.replace(" first\n", " something else\n")
+    with pytest.raises(WorkspaceError, match="the previous run's patch does not apply"):
+        await checkout(tmp_path / "stale", _spec(origin, base_patch=stale))
+
+
+async def test_diff_on_host_matches_git_and_takes_untracked_files(
+    origin: Path, tmp_path: Path
+) -> None:
+    ws = tmp_path / "ws"
+    base = await checkout(ws, _spec(origin))
+    (ws / "README.md").write_text("first\nchanged\n")
+    (ws / "new.txt").write_text("new\n")
+    (ws / "data.bin").write_bytes(b"\x00\x01\x02")
+
+    async def no_scratch(name: str, content: str) -> str:
+        raise AssertionError("the one-child path needs no scratch file")
+
+    found = await diff_on_host(ws, base, no_scratch)
+
+    assert found.diff == _git(ws, "diff", "--cached", "--binary", base) + "\n"
+    assert found.numstat == _git(ws, "diff", "--cached", "--numstat", base) + "\n"
+    assert "new.txt" in found.diff and "GIT binary patch" in found.diff
+
+
+async def test_diff_on_host_of_no_change_is_empty(origin: Path, tmp_path: Path) -> None:
+    ws = tmp_path / "ws"
+    base = await checkout(ws, _spec(origin))
+
+    async def no_scratch(name: str, content: str) -> str:
+        raise AssertionError("not needed")
+
+    assert tuple(await diff_on_host(ws, base, no_scratch)) == ("", "")
