@@ -20,11 +20,11 @@ CLONE_TIMEOUT_S = 600.0
 # (bench case 5). Exit codes above 200 say which step failed; git's stderr says why.
 _CLONE_FAILED, _NO_SUCH_REF, _CHECKOUT_FAILED, _PATCH_DOES_NOT_APPLY = 201, 202, 203, 204
 _CHECKOUT_SCRIPT = """
-git clone --quiet --no-checkout --template= -- "$1" "$2" || exit 201
+git -c core.logAllRefUpdates=false clone --quiet --no-checkout --template= -- "$1" "$2" || exit 201
 cd "$2" || exit 203
 commit=$(git rev-parse --verify --quiet "$3^{commit}" ||
          { [ -n "$4" ] && git rev-parse --verify --quiet "$4^{commit}"; }) || exit 202
-git checkout --quiet --detach "$commit" || exit 203
+git -c core.logAllRefUpdates=false checkout --quiet --detach "$commit" || exit 203
 if [ "$5" = patch ]; then git apply --binary --whitespace=nowarn - || exit 204; fi
 printf %s "$commit"
 """
