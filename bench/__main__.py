@@ -119,6 +119,7 @@ def machine() -> dict[str, Any]:
         "python": sys.version.split()[0],
         "git": commit + (" (uncommitted changes)" if dirty not in ("", "?") else ""),
         "load_average_at_start": os.getloadavg(),
+        "workspaces_filesystem": _filesystem(Path("/tmp")),  # bench.common.Stack works there
         "versions": {
             "eventsourcing": pkg("eventsourcing"),
             "psycopg": pkg("psycopg"),
@@ -132,6 +133,24 @@ def machine() -> dict[str, Any]:
             "docker": _version(["docker", "version", "--format", "{{.Server.Version}}"]),
         },
     }
+
+
+def _filesystem(path: Path) -> str:
+    """'ext4 on /dev/vda, no journal': where the workspaces are cloned and deleted. On ext4
+    without a journal the inode allocator skips inodes deleted in the last minutes, so a
+    drain's clones get slower as its deletions pile up (docs/benchmarks.md)."""
+    found = _version(["findmnt", "-no", "FSTYPE,SOURCE", "-T", str(path)]).split()
+    if len(found) != 2:
+        return "?"
+    fstype, source = found
+    if fstype != "ext4":
+        return f"{fstype} on {source}"
+    journals = (
+        [p.name for p in Path("/proc/fs/jbd2").glob("*")] if Path("/proc/fs/jbd2").is_dir() else []
+    )
+    device = Path(source).name
+    journal = "journal" if any(j.startswith(device + "-") for j in journals) else "no journal"
+    return f"ext4 on {source}, {journal}"
 
 
 # ----------------------------------------------------------------------------------- table
