@@ -265,7 +265,8 @@ def command_batch_handler(app: Forgeline, js: JetStreamContext | None = None) ->
                         f"not a valid command: {exc.error_count()} error(s)"
                     )
                     continue
-                span.set_attributes(broker_tracing.command_attributes(command))
+                if span.is_recording():  # tracing off: not worth building per command
+                    span.set_attributes(broker_tracing.command_attributes(command))
                 if js is not None and not isinstance(command, CancelRequest):
                     with tracing.within(span):
                         await broker_tracing.remember_run_trace(js, command.run_id)
