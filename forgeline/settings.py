@@ -78,6 +78,9 @@ class Settings(BaseSettings):
     # Per API key, in each gateway process: `burst` at once, then so many a minute (0: off).
     rate_limit_per_min: int = Field(default=1200, ge=0)
     rate_limit_burst: int = Field(default=100, ge=1)
+    # A key found valid is not looked up in Postgres again for so long, in each gateway
+    # process (0: every request): revoked elsewhere, it keeps working that long there.
+    api_key_cache_s: float = Field(default=2.0, ge=0.0, le=60.0)
     # Browser origins allowed to call the API (CORS), comma-separated; none by default.
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
 

@@ -15,6 +15,7 @@ from gateway.keys import Role
 from gateway.openapi import ROUTES as DOC_ROUTES  # /openapi.json, /docs, /asyncapi.json (no key)
 from gateway.ratelimit import RateLimiter
 from gateway.ui import ROUTES as UI_ROUTES  # the web UI: / and /static/ (no key needed)
+from gateway.verified_keys import VerifiedKeys
 
 VIEWER, OPERATOR, ADMIN = (requires(role) for role in (Role.VIEWER, Role.OPERATOR, Role.ADMIN))
 
@@ -67,4 +68,5 @@ def create_app(deps: GatewayDeps) -> Starlette:
     )
     app.state.deps = deps
     app.state.limiter = RateLimiter(deps.rate_limit_per_min, deps.rate_limit_burst)
+    app.state.verified_keys = VerifiedKeys(deps.key_cache_s)
     return app

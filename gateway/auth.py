@@ -29,6 +29,7 @@ from gateway._http import deps
 from gateway.errors import ApiError
 from gateway.keys import ApiKey, Role
 from gateway.ratelimit import RateLimiter
+from gateway.verified_keys import VerifiedKeys
 
 log = logging.getLogger(__name__)
 
@@ -95,9 +96,15 @@ async def authenticate(request: Request) -> ApiKey:
             "the Authorization header must be `Bearer <key>`",
             headers={"WWW-Authenticate": _INVALID},
         )
+    secret = match.group(1)
+    secret_digest = keys.digest(secret)
+    verified = verified_keys(request)
+    key = verified.get(secret_digest)
+    if key is not None:
+        return key  # found valid less than verified.ttl_s ago (gateway/verified_keys.py)
     try:
         async with deps(request).pool.connection(timeout=5) as conn:
-            key = await keys.find_key(conn, match.group(1))
+            key = await keys.find_key(conn, secret)
             if key is not None and key.revoked_at is None:
                 await keys.touch(conn, key)
     except (PsycopgError, PoolTimeout) as exc:
@@ -118,7 +125,14 @@ async def authenticate(request: Request) -> ApiKey:
             f"the API key {key.id} was revoked",
             headers={"WWW-Authenticate": _INVALID},
         )
+    verified.keep(secret_digest, key)
     return key
+
+
+def verified_keys(request: Request) -> VerifiedKeys:
+    value = request.app.state.verified_keys
+    assert isinstance(value, VerifiedKeys)
+    return value
 
 
 def _take_token(request: Request, key: ApiKey) -> None:

@@ -24,5 +24,8 @@ class GatewayDeps:
     # Per API key: a burst, then so many a minute (0: no limit). See gateway/ratelimit.py.
     rate_limit_per_min: int = 0
     rate_limit_burst: int = 1
+    # A key found valid is not looked up again for so long (0: every request); revoked
+    # elsewhere, it keeps working that long here. See gateway/verified_keys.py.
+    key_cache_s: float = 2.0
     # Browser origins allowed to call the API (CORS); none by default.
     cors_origins: tuple[str, ...] = ()

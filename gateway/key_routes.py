@@ -4,7 +4,8 @@
 - `GET /v1/keys` 200 `{"items": [key...]}`, revoked ones included, oldest first.
 - `POST /v1/keys` body `{"role", "projects"?, "name"?}` 201 the key plus `"key"`: the secret,
   shown this once.
-- `POST /v1/keys/{id}/revoke` 200 the key, revoked (at once, for every gateway); 404 unknown.
+- `POST /v1/keys/{id}/revoke` 200 the key, revoked: at once on this gateway, on the others
+  within their key cache's TTL (gateway/verified_keys.py); 404 unknown.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from starlette.responses import JSONResponse
 
 from gateway import keys
 from gateway._http import deps, json_body
-from gateway.auth import current_key
+from gateway.auth import current_key, verified_keys
 from gateway.errors import not_found, validation_failed
 
 log = logging.getLogger(__name__)
@@ -53,5 +54,6 @@ async def revoke_key(request: Request) -> JSONResponse:
         key = await keys.revoke_key(conn, key_id)
     if key is None:
         raise not_found("key", key_id)
+    verified_keys(request).forget(key.id)  # at once here; elsewhere within their cache's TTL
     log.info("key %s revoked by key %s", key.id, current_key(request).id)
     return JSONResponse(key.as_json())

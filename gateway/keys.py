@@ -4,7 +4,8 @@ A key is `fl_` + 32 random bytes (urlsafe base64), shown once when it is made. T
 its sha256 (a fast digest is enough for a secret of 256 random bits: there is nothing to guess
 from it), its public id, a name, the role, the projects and its dates. A key is found by its
 digest (unique index), then the digests are compared in constant time. Revoking keeps the row
-(events name keys by id, so the id stays explainable); a revoked key never authenticates again.
+(events name keys by id, so the id stays explainable); a revoked key never authenticates again
+(after at most the TTL of the gateways' memory of valid keys, gateway/verified_keys.py).
 
 The gateway uses these functions through its pool; `forgeline keys` (store-level) through a
 connection of its own. Every function takes an async psycopg connection and commits nothing by
@@ -206,8 +207,8 @@ async def get_key(conn: AsyncConnection[Any], key_id: str) -> ApiKey | None:
 
 
 async def revoke_key(conn: AsyncConnection[Any], key_id: str) -> ApiKey | None:
-    """Revokes the key (at once, for every gateway); None when there is no such key. Revoking a
-    revoked key changes nothing."""
+    """Revokes the key (in the store at once; gateways holding it as valid see it within their
+    key cache's TTL); None when there is no such key. Revoking a revoked key changes nothing."""
     async with conn.transaction():
         await conn.execute(
             sql.SQL(

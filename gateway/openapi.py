@@ -423,7 +423,7 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
         body=KeySpec,
     ),
     ("POST", "/v1/keys/{id}/revoke"): _op(
-        "Revoke an API key (admin), at once for every gateway",
+        "Revoke an API key (admin): at once here, within the key cache TTL (2 s) elsewhere",
         {"200": _json(ApiKeyView, "the key, revoked"), **_NOT_FOUND},
         params=[_KEY_ID_PARAM],
     ),

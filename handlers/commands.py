@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 from uuid import UUID
 
@@ -25,9 +25,11 @@ import anyio
 from eventsourcing.application import AggregateNotFoundError
 from eventsourcing.domain import Aggregate, DomainEventProtocol
 from eventsourcing.persistence import IntegrityError
+from eventsourcing.postgres import PostgresAggregateRecorder
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from opentelemetry.trace import Span
+from psycopg.sql import SQL, Identifier
 from pydantic import ValidationError
 
 from broker import tracing as broker_tracing
@@ -52,8 +54,21 @@ class _Aggregates:
     def __init__(self, app: Forgeline) -> None:
         self._app = app
         self._by_id: dict[UUID, Aggregate] = {}
+        # Ids the store was seen to hold no event of in this pass (one query for a batch). A
+        # writer that creates one of them before the pass saves makes the save fail on the
+        # store's unique (id, version): the pass goes again, one command at a time.
+        self._absent: set[UUID] = set()
+
+    def look_up(self, aggregate_ids: Iterable[UUID]) -> None:
+        """Learns in one query which of these ids the store holds no event of, so that
+        deciding a batch of new requests does not read the store once per command."""
+        wanted = [i for i in set(aggregate_ids) if i not in self._by_id]
+        if wanted:
+            self._absent.update(set(wanted) - _stored_ids(self._app, wanted))
 
     def get(self, aggregate_id: UUID) -> Aggregate:
+        if aggregate_id in self._absent:
+            raise AggregateNotFoundError(aggregate_id)
         if aggregate_id not in self._by_id:
             aggregate: object = self._app.repository.get(aggregate_id)
             assert isinstance(aggregate, Aggregate)
@@ -80,6 +95,24 @@ class _Aggregates:
     def keep(self, *aggregates: Aggregate) -> None:
         for aggregate in aggregates:
             self._by_id[aggregate.id] = aggregate
+            self._absent.discard(aggregate.id)
+
+
+def _stored_ids(app: Forgeline, aggregate_ids: Sequence[UUID]) -> set[UUID]:
+    """Which of these ids have events in the store: one indexed query on Postgres (the
+    primary key starts with originator_id); per id on any other recorder (tests' in-memory)."""
+    recorder = app.recorder
+    if isinstance(recorder, PostgresAggregateRecorder):
+        query = SQL(
+            "SELECT DISTINCT originator_id FROM {schema}.{table} WHERE originator_id = ANY(%s)"
+        ).format(
+            schema=Identifier(recorder.datastore.schema),
+            table=Identifier(recorder.events_table_name),
+        )
+        with recorder.datastore.get_connection() as conn, conn.cursor() as cursor:
+            cursor.execute(query, (list(aggregate_ids),), prepare=True)
+            return {UUID(str(row["originator_id"])) for row in cursor.fetchall()}
+    return {i for i in aggregate_ids if recorder.select_events(i, limit=1)}
 
 
 def handle_command(app: Forgeline, command: AnyCommand, span: Span | None = None) -> None:
@@ -134,6 +167,7 @@ def _decide_and_save_together(
     app: Forgeline, commands: Sequence[AnyCommand], spans: Sequence[Span | None]
 ) -> None:
     aggregates = _Aggregates(app)
+    aggregates.look_up(c.request_id for c in commands if isinstance(c, SubmitRequest))
     events: list[DomainEventProtocol[Any]] = []
     for command, span in zip(commands, spans, strict=True):
         with (
@@ -231,7 +265,8 @@ def command_batch_handler(app: Forgeline, js: JetStreamContext | None = None) ->
                         f"not a valid command: {exc.error_count()} error(s)"
                     )
                     continue
-                span.set_attributes(broker_tracing.command_attributes(command))
+                if span.is_recording():  # tracing off: not worth building per command
+                    span.set_attributes(broker_tracing.command_attributes(command))
                 if js is not None and not isinstance(command, CancelRequest):
                     with tracing.within(span):
                         await broker_tracing.remember_run_trace(js, command.run_id)

@@ -278,6 +278,26 @@ async def test_keys_are_stored_hashed_shown_once_and_revoked_at_once(
         assert_error(await http.post("/v1/keys/key_nope/revoke", headers=bearer(ADMIN_KEY)), 404)
 
 
+async def test_a_key_revoked_elsewhere_stops_working_within_the_key_cache_ttl(
+    start: Start, database_url: str
+) -> None:
+    """Revoked by another process (`forgeline keys revoke`, another gateway): this gateway
+    held the key as valid for at most FORGELINE_API_KEY_CACHE_S (gateway/verified_keys.py)."""
+    async with start() as http:
+        made = await make_key(http, "operator", name="revoked elsewhere")
+        secret = made["key"]
+        assert (await http.get("/v1/whoami", headers=bearer(secret))).status_code == 200
+        async with await psycopg.AsyncConnection.connect(database_url) as conn:
+            assert await keys.revoke_key(conn, made["id"]) is not None
+
+        async def refused() -> bool:
+            answer = await http.get("/v1/whoami", headers=bearer(secret))
+            return answer.status_code == 401 and "revoked" in answer.json()["error"]["message"]
+
+        # The default TTL is 2 s; the margin is for a loaded machine, not part of the promise.
+        await eventually(refused, 15, "the revoked key refused")
+
+
 async def test_bad_key_specs_are_422(start: Start) -> None:
     async with start() as http:
         admin = bearer(ADMIN_KEY)

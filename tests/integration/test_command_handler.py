@@ -26,7 +26,7 @@ from domain.application import Forgeline
 from domain.commands import CancelRequest, RequestSpec, RerunRequest, SubmitRequest
 from domain.status import RunStatus
 from forgeline.bootstrap import open_store
-from handlers.commands import command_batch_handler
+from handlers.commands import command_batch_handler, handle_commands
 from tests.integration.conftest import event_type_counts, eventually, in_thread, kill
 
 
@@ -396,3 +396,34 @@ async def test_a_batch_that_loses_a_race_ends_with_every_command_applied_once(
     assert (run.status, run.cancel_requested) == (RunStatus.PROVISIONING, True)
     for submit in others:
         assert await run_status(store, submit.run_id) is RunStatus.QUEUED
+
+
+async def test_a_request_created_after_the_batch_looked_it_up_is_recorded_once(
+    store: Forgeline, database_url: str
+) -> None:
+    """The batch learns in one query which requests do not exist yet; another worker saves
+    one of them (a copy of its command) before the batch's save: the batch's transaction
+    fails on the store's unique key and the commands go again one by one."""
+    racing, others = submit_command(prompt="echo racing"), [submit_command() for _ in range(3)]
+    other_writer = await in_thread(open_store, database_url)
+    real_save = store.save
+    raced: list[int] = []
+
+    def save_after_a_rival(*objs: Any, **kwargs: Any) -> Any:
+        if not raced and len(objs) > 2:  # the batch's save, not a one-by-one one
+            assert handle_commands(other_writer, [racing]) == [None]
+            raced.append(len(objs))
+        return real_save(*objs, **kwargs)
+
+    store.save = save_after_a_rival  # type: ignore[method-assign]
+    try:
+        outcomes = await in_thread(handle_commands, store, [others[0], racing, *others[1:]])
+    finally:
+        store.save = real_save  # type: ignore[method-assign]
+        other_writer.close()
+
+    assert raced, "the batch was never saved in one piece"
+    assert outcomes == [None] * 4
+    assert event_type_counts(database_url) == {"RequestSubmitted": 4, "RunQueued": 4}
+    request = await in_thread(store.get_request, racing.request_id)
+    assert request.run_ids == [racing.run_id]
