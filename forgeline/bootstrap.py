@@ -243,6 +243,7 @@ async def run_services(
                 max_body_bytes=settings.max_body_bytes,
                 rate_limit_per_min=settings.rate_limit_per_min,
                 rate_limit_burst=settings.rate_limit_burst,
+                key_cache_s=settings.api_key_cache_s,
                 cors_origins=tuple(settings.cors_origins),
             )
             jobs.append(_serve_http(settings, deps, stop, on_ready))

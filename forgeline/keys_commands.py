@@ -59,7 +59,9 @@ def add_parsers(sub: Any) -> None:
     _store_flags(ls)
     ls.set_defaults(handler=_list)
 
-    r = actions.add_parser("revoke", help="revoke a key by id (at once, for every gateway)")
+    r = actions.add_parser(
+        "revoke", help="revoke a key by id (gateways refuse it within FORGELINE_API_KEY_CACHE_S)"
+    )
     r.add_argument("id", help="the key's id (key_...), as `forgeline keys list` shows")
     _store_flags(r)
     r.set_defaults(handler=_revoke)
