@@ -23,7 +23,13 @@ from typing import IO
 
 import nats
 
-from forgeline.embedded import EmbeddedServerError, _ignore, _nats_binary, _wait_nats, free_port
+from forgeline.embedded import (
+    EmbeddedServerError,
+    _ignore,
+    _nats_binary,
+    _wait_nats,
+    restartable_port,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +60,7 @@ class NatsNode:
         self.name = name
         self.store_dir = Path(store_dir).resolve()
         self.host = host
-        self.port = free_port(host) if port is None else port
+        self.port = restartable_port(host) if port is None else port
         self.url = f"nats://{host}:{self.port}"
         self.routes = routes
         self.sync_always = sync_always
@@ -161,7 +167,7 @@ class NatsCluster:
         if size < 3:
             # JetStream's meta group needs a majority: fewer than 3 nodes tolerate no loss.
             raise ValueError("a JetStream cluster needs at least 3 nodes")
-        route_ports = [free_port(host) for _ in range(size)]
+        route_ports = [restartable_port(host) for _ in range(size)]
         self.nodes = [
             NatsNode(
                 Path(root) / f"n{i + 1}",

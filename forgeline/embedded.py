@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import pwd
+import random
 import shlex
 import shutil
 import signal
@@ -49,6 +50,28 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def restartable_port(host: str = "127.0.0.1") -> int:
+    """A free TCP port below the kernel's ephemeral range, for a server that is restarted on
+    the same port (a cluster node that routes know by port). A port bind(0) picks lies in the
+    ephemeral range, where any outgoing connection may take it as its source port while the
+    server is down: its restart then fails with "address already in use" (seen once)."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    if low <= 2048:
+        return free_port(host)
+    for _ in range(100):
+        port = random.randint(max(1024, low - 16384), low - 1)
+        with socket.socket() as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            return port
+    return free_port(host)
 
 
 def _tail(path: Path, lines: int = 25) -> str:
