@@ -126,6 +126,9 @@ async def _terminate(proc: asyncio.subprocess.Process) -> None:
     except TimeoutError:
         _kill_group(proc.pid, signal.SIGKILL)
         await proc.wait()
+    # The leader is gone; what it started may still be on its way out (or ignore SIGTERM).
+    # Nothing of the group outlives the agent: a stopped run leaves no process behind.
+    _kill_group(proc.pid, signal.SIGKILL)
 
 
 def _kill_group(pid: int, sig: signal.Signals) -> None:
