@@ -74,6 +74,8 @@ class Workspaces:
         return removed
 
     async def close(self) -> None:
+        if isinstance(self.provisioner, LocalProvisioner):
+            await self.provisioner.close()  # no `rm` of old workspaces outlives the worker
         if self._docker is not None:
             await self._docker.close()
 

@@ -88,6 +88,12 @@ class _Trash:
         self._gathered: list[Path] = []
         self._emptying: asyncio.Task[None] | None = None
 
+    async def emptied(self, timeout_s: float) -> None:
+        """Waits until what was put in is removed (at most timeout_s: reap() takes the rest)."""
+        if self._emptying is not None and not self._emptying.done():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._emptying), timeout_s)
+
     def add(self, path: Path) -> None:
         self._gathered.append(path)
         if self._emptying is None or self._emptying.done():
@@ -120,6 +126,10 @@ class LocalProvisioner:
                 os.kill(pid, signal.SIGKILL)
         for leftover in self._dir.iterdir():
             shutil.rmtree(leftover, ignore_errors=True)
+
+    async def close(self) -> None:
+        """Waits for the removal of finished workspaces, so that no `rm` outlives the worker."""
+        await self._trash.emptied(timeout_s=30.0)
 
     async def discard(self, run_id: UUID) -> None:
         """Kills the agents of this run's workspace and removes it (recovery of a run whose

@@ -182,15 +182,17 @@ def run_row(database_url: str, run_id: UUID) -> dict[str, Any] | None:
 
 
 def agent_processes(marker: str) -> list[int]:
-    """Agent scripts still running (their argv holds the scratch path of the run)."""
+    """Agent scripts still running: python3 with the run's scratch path in its argv (not the
+    `rm -rf` removing the run's finished workspace, whose argv names the run too)."""
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if marker.encode() in (entry / "cmdline").read_bytes():
-                    found.append(int(entry.name))
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
+            if argv[0] == b"python3" and any(marker.encode() in arg for arg in argv[1:]):
+                found.append(int(entry.name))
     return found
 
 
