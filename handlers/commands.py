@@ -25,11 +25,9 @@ import anyio
 from eventsourcing.application import AggregateNotFoundError
 from eventsourcing.domain import Aggregate, DomainEventProtocol
 from eventsourcing.persistence import IntegrityError
-from eventsourcing.postgres import PostgresAggregateRecorder
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from opentelemetry.trace import Span
-from psycopg.sql import SQL, Identifier
 from pydantic import ValidationError
 
 from broker import tracing as broker_tracing
@@ -41,6 +39,7 @@ from domain.errors import DomainError
 from domain.request import Request
 from domain.run import Run
 from handlers import log_context, tracing
+from handlers.store import stored_ids
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +63,7 @@ class _Aggregates:
         deciding a batch of new requests does not read the store once per command."""
         wanted = [i for i in set(aggregate_ids) if i not in self._by_id]
         if wanted:
-            self._absent.update(set(wanted) - _stored_ids(self._app, wanted))
+            self._absent.update(set(wanted) - stored_ids(self._app, wanted))
 
     def get(self, aggregate_id: UUID) -> Aggregate:
         if aggregate_id in self._absent:
@@ -96,23 +95,6 @@ class _Aggregates:
         for aggregate in aggregates:
             self._by_id[aggregate.id] = aggregate
             self._absent.discard(aggregate.id)
-
-
-def _stored_ids(app: Forgeline, aggregate_ids: Sequence[UUID]) -> set[UUID]:
-    """Which of these ids have events in the store: one indexed query on Postgres (the
-    primary key starts with originator_id); per id on any other recorder (tests' in-memory)."""
-    recorder = app.recorder
-    if isinstance(recorder, PostgresAggregateRecorder):
-        query = SQL(
-            "SELECT DISTINCT originator_id FROM {schema}.{table} WHERE originator_id = ANY(%s)"
-        ).format(
-            schema=Identifier(recorder.datastore.schema),
-            table=Identifier(recorder.events_table_name),
-        )
-        with recorder.datastore.get_connection() as conn, conn.cursor() as cursor:
-            cursor.execute(query, (list(aggregate_ids),), prepare=True)
-            return {UUID(str(row["originator_id"])) for row in cursor.fetchall()}
-    return {i for i in aggregate_ids if recorder.select_events(i, limit=1)}
 
 
 def handle_command(app: Forgeline, command: AnyCommand, span: Span | None = None) -> None:

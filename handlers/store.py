@@ -5,12 +5,14 @@ eventsourcing's API is synchronous, so every call here runs in a worker thread.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 from uuid import UUID
 
 import anyio
 from eventsourcing.persistence import IntegrityError
+from eventsourcing.postgres import PostgresAggregateRecorder
+from psycopg.sql import SQL, Identifier
 
 from domain.application import Forgeline
 from domain.run import Run
@@ -75,3 +77,20 @@ async def decide_and_hold_async(
 
 async def load_run(app: Forgeline, run_id: UUID) -> Run:
     return await anyio.to_thread.run_sync(app.get_run, run_id)
+
+
+def stored_ids(app: Forgeline, aggregate_ids: Sequence[UUID]) -> set[UUID]:
+    """Which of these ids have events in the store: one indexed query on Postgres (the
+    primary key starts with originator_id); per id on any other recorder (tests' in-memory)."""
+    recorder = app.recorder
+    if isinstance(recorder, PostgresAggregateRecorder):
+        query = SQL(
+            "SELECT DISTINCT originator_id FROM {schema}.{table} WHERE originator_id = ANY(%s)"
+        ).format(
+            schema=Identifier(recorder.datastore.schema),
+            table=Identifier(recorder.events_table_name),
+        )
+        with recorder.datastore.get_connection() as conn, conn.cursor() as cursor:
+            cursor.execute(query, (list(aggregate_ids),), prepare=True)
+            return {UUID(str(row["originator_id"])) for row in cursor.fetchall()}
+    return {i for i in aggregate_ids if recorder.select_events(i, limit=1)}
