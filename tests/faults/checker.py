@@ -311,28 +311,35 @@ def installation(database_url: str) -> str | None:
 
 
 def containers_of(docker_url: str, installation_id: str, *, dead: bool = False) -> list[str]:
-    """The installation's containers the engine lists; without dead, those it has not marked
-    dead (a dead one is a removal that failed inside the engine: see engine_dead_containers)."""
-    label = f"label={INSTALLATION_LABEL}={installation_id}"
-    out = subprocess.run(
-        [
-            "docker",
-            "-H",
-            docker_url,
-            "ps",
-            "-a",
-            "--filter",
-            label,
-            "--format",
-            "{{.ID}} {{.State}}",
-        ],
+    """The installation's containers the engine lists; without dead, those whose removal did
+    not fail inside the engine itself (with dead: those it did, see engine_dead_containers).
+    The engine's own record says which: State.Dead, or an Error from its storage driver. A
+    container the reaper is retrying shows "removing" for a moment, so `ps`'s state alone
+    cannot tell (a CI run once counted such a one as leaked)."""
+    docker = ["docker", "-H", docker_url]
+    listed = subprocess.run(
+        [*docker, "ps", "-aq", "--filter", f"label={INSTALLATION_LABEL}={installation_id}"],
         capture_output=True,
         text=True,
         timeout=30,
         check=True,
-    )
-    rows = [line.split() for line in out.stdout.splitlines() if line.strip()]
-    return [row[0] for row in rows if (len(row) > 1 and row[1] == "dead") == dead]
+    ).stdout.split()
+    if not listed:
+        return []
+    inspected = subprocess.run(
+        [*docker, "inspect", "--format", "{{.Id}}\t{{.State.Dead}}\t{{.State.Error}}", *listed],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,  # a container removed since it was listed is not an error
+    ).stdout
+    found = []
+    for line in inspected.splitlines():
+        container_id, is_dead, error = [*line.split("\t", 2), "", ""][:3]
+        engine_failed = is_dead == "true" or "failed to remove root filesystem" in error
+        if engine_failed == dead:
+            found.append(container_id[:12])
+    return found
 
 
 def leftover_workspaces(dirs: Sequence[Path]) -> list[Path]:
