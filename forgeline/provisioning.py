@@ -18,6 +18,7 @@ from domain.application import Forgeline
 from forgeline.settings import Settings
 from forgeline.startup import StartupError
 from handlers.workspaces.base import Provisioner
+from handlers.workspaces.disk import prepare_workspaces_dir
 from handlers.workspaces.docker import ContainerLimits, DockerProvisioner
 from handlers.workspaces.docker_engine import reap
 from handlers.workspaces.local import LocalProvisioner
@@ -88,6 +89,7 @@ async def open_workspaces(
     llm_socket_dir: Path | None = None,
 ) -> Workspaces:
     """llm_socket_dir: the LLM proxy's socket folder, mounted into LLM agents' workspaces."""
+    prepare_workspaces_dir(settings.workspaces_dir)  # spread over the disk: see its module
     if settings.provisioner in ("auto", "docker"):
         docker = await _engine(settings)
         if docker is not None:
