@@ -26,6 +26,7 @@ from broker.consumer import consume_batches, durable_config
 from broker.relay import Relay
 from broker.streams import StreamSettings, ensure_streams
 from domain.application import Forgeline
+from forgeline import child_watcher
 from forgeline.llm_proxy import WorkerLlmProxy
 from forgeline.process_metrics import RoleMetrics, serve_metrics
 from forgeline.provisioning import Workspaces, open_workspaces
@@ -168,6 +169,7 @@ async def run_services(
     settings.admin_key (FORGELINE_ADMIN_KEY), that key is made an admin key instead. agents,
     when given, replaces the agent adapters a worker runs (tests).
     """
+    child_watcher.install()  # a worker's children reaped through pidfds, not a thread each
     app = await anyio.to_thread.run_sync(open_store, servers.database_url, settings.cipher_key)
     try:
         # Hash chains and append-only triggers on the events table (idempotent).
