@@ -18,6 +18,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
@@ -75,6 +76,34 @@ Handler = Callable[[Msg], Awaitable[None]]
 Outcome = Exception | None
 BatchHandler = Callable[[Sequence[Msg]], Awaitable[list[Outcome]]]
 
+Prepared = TypeVar("Prepared")
+
+
+@dataclass(frozen=True)
+class TwoStepBatchHandler(Generic[Prepared]):
+    """A batch handler in two steps, so that consume_batches can overlap them: prepare (on
+    the event loop: decoding, say) may run while the batch before is still being decided;
+    decide (the decision and its commit) runs only once the batch before's decide returned,
+    in stream order. Each outcome, one per message given to prepare, is what decide returns.
+
+    A batch's prepare and decide run in the same task, one after the other: what prepare
+    enters (a span made current) decide can exit. decide is not called when prepare raised,
+    nor when the consumer is cancelled in between."""
+
+    prepare: Callable[[Sequence[Msg]], Awaitable[Prepared]]
+    decide: Callable[[Prepared], Awaitable[list[Outcome]]]
+
+
+async def _as_they_are(msgs: Sequence[Msg]) -> Sequence[Msg]:
+    return msgs
+
+
+def _two_step(handle: BatchHandler | TwoStepBatchHandler[Any]) -> TwoStepBatchHandler[Any]:
+    """A one-step batch handler as a two-step one: nothing to prepare, all of it decided."""
+    if isinstance(handle, TwoStepBatchHandler):
+        return handle
+    return TwoStepBatchHandler(prepare=_as_they_are, decide=handle)
+
 
 async def consume(
     js: JetStreamContext,
@@ -109,7 +138,7 @@ async def consume_batches(
     js: JetStreamContext,
     stream: str,
     config: ConsumerConfig,
-    handle: BatchHandler,
+    handle: BatchHandler | TwoStepBatchHandler[Any],
     stop: asyncio.Event,
     *,
     # 250: what a batch costs whatever its size (a thread hop, a lookup, a commit) spread
@@ -122,11 +151,13 @@ async def consume_batches(
     hands them to handle at once, in stream order, until stop is set; settles each message
     by its outcome once handle returned.
 
-    Pipelined, one batch deep: the next batch is fetched while handle works on this one, and
-    this one is settled while handle works on the next. handle still sees one batch at a
-    time, in stream order (a batch starts once the one before it returned), and a message is
-    still acked only after handle returned its outcome (after the commit)."""
+    Pipelined, one batch deep: the next batch is fetched (and, with a TwoStepBatchHandler,
+    prepared) while handle decides this one, and this one is settled while handle decides
+    the next. Batches are still decided one at a time, in stream order (a batch's decide, or
+    a one-step handle, starts once the one before it returned), and a message is still acked
+    only after its batch's decide returned its outcome (after the commit)."""
     retry = retry or RetryPolicy()
+    steps = _two_step(handle)
     sub = await _subscribe(js, stream, config)
     batches: set[asyncio.Task[None]] = set()
     previous_handled: asyncio.Event | None = None
@@ -137,7 +168,7 @@ async def consume_batches(
                 continue
             handled = asyncio.Event()
             task = asyncio.create_task(
-                _handle_and_settle(js, stream, handle, msgs, retry, previous_handled, handled)
+                _handle_and_settle(js, stream, steps, msgs, retry, previous_handled, handled)
             )
             batches.add(task)
             task.add_done_callback(batches.discard)
@@ -158,20 +189,34 @@ async def consume_batches(
 async def _handle_and_settle(
     js: JetStreamContext,
     stream: str,
-    handle: BatchHandler,
+    handle: TwoStepBatchHandler[Prepared],
     msgs: Sequence[Msg],
     retry: RetryPolicy,
     after: asyncio.Event | None,
     handled: asyncio.Event,
 ) -> None:
+    """Prepares msgs at once (the batch before may still be deciding: that is the overlap),
+    decides them once after is set (the batch before decided), sets handled, settles them."""
     try:
-        if after is not None:
-            await after.wait()
+        failure: Exception | None = None
         try:
-            outcomes = await handle(msgs)
+            prepared = await handle.prepare(msgs)
         except Exception as exc:
-            log.exception("batch handler failed on %s; will be redelivered", stream)
-            outcomes = [exc] * len(msgs)
+            failure = exc
+        if after is not None:
+            # Even when prepare failed: the batch's naks are not sent before the batch
+            # before it committed, and the batch behind it waits its turn as before.
+            await after.wait()
+        if failure is None:
+            try:
+                outcomes = await handle.decide(prepared)
+            except Exception as exc:
+                failure = exc
+        if failure is not None:
+            log.exception(
+                "batch handler failed on %s; will be redelivered", stream, exc_info=failure
+            )
+            outcomes = [failure] * len(msgs)
     finally:
         handled.set()
     await asyncio.gather(

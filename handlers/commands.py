@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
@@ -32,7 +33,7 @@ from pydantic import ValidationError
 
 from broker import tracing as broker_tracing
 from broker.commands import AnyCommand, decode_command
-from broker.consumer import BatchHandler, Outcome, Undeliverable
+from broker.consumer import Outcome, TwoStepBatchHandler, Undeliverable
 from domain.application import Forgeline
 from domain.commands import CancelRequest, RerunRequest, SubmitRequest
 from domain.errors import DomainError
@@ -227,13 +228,30 @@ def _cancel(aggregates: _Aggregates, command: CancelRequest) -> tuple[Aggregate,
     return (run,)
 
 
-def command_batch_handler(app: Forgeline, js: JetStreamContext | None = None) -> BatchHandler:
-    """The consumer callback: decode each message, handle the batch in a thread; the consumer
-    acks each message whose outcome is None once this returns (after the commit). With js,
-    the trace of each run a command queues is recorded for the executor (broker/tracing.py;
-    only when tracing is on)."""
+@dataclass
+class _DecodedBatch:
+    """A batch as prepare left it: each message's outcome so far (those that did not decode
+    are Undeliverable), the commands that did with their index, and each one's span, still
+    open (ended by decide, after the commit)."""
 
-    async def handle(msgs: Sequence[Msg]) -> list[Outcome]:
+    outcomes: list[Outcome]
+    commands: list[tuple[int, AnyCommand]]
+    spans: list[Span | None]
+    open_spans: contextlib.ExitStack
+
+
+def command_batch_handler(
+    app: Forgeline, js: JetStreamContext | None = None
+) -> TwoStepBatchHandler[_DecodedBatch]:
+    """The consumer callback, in two steps: prepare decodes each message on the event loop
+    (while the batch before is still being decided and saved in its thread: decoding is a
+    good part of a batch's time, and the save waits on Postgres without the GIL); decide
+    handles the batch in a thread, after the batch before's. The consumer acks each message
+    whose outcome is None once decide returns (after the commit). With js, the trace of each
+    run a command queues is recorded for the executor (broker/tracing.py; only when tracing
+    is on)."""
+
+    async def prepare(msgs: Sequence[Msg]) -> _DecodedBatch:
         outcomes: list[Outcome] = [None] * len(msgs)
         commands: list[tuple[int, AnyCommand]] = []
         spans: list[Span | None] = []
@@ -254,11 +272,18 @@ def command_batch_handler(app: Forgeline, js: JetStreamContext | None = None) ->
                         await broker_tracing.remember_run_trace(js, command.run_id)
                 commands.append((index, command))
                 spans.append(span)
+            # Kept open until decide (in the same task: TwoStepBatchHandler) has handled the
+            # batch; ended here only when prepare raised.
+            return _DecodedBatch(outcomes, commands, spans, open_spans.pop_all())
+
+    async def decide(batch: _DecodedBatch) -> list[Outcome]:
+        with batch.open_spans:
             handled = await anyio.to_thread.run_sync(
-                handle_commands, app, [command for _, command in commands], spans
+                handle_commands, app, [command for _, command in batch.commands], batch.spans
             )
-        for (index, _), outcome in zip(commands, handled, strict=True):
+        outcomes = list(batch.outcomes)
+        for (index, _), outcome in zip(batch.commands, handled, strict=True):
             outcomes[index] = outcome
         return outcomes
 
-    return handle
+    return TwoStepBatchHandler(prepare=prepare, decide=decide)
