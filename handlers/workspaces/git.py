@@ -21,12 +21,18 @@ CLONE_TIMEOUT_S = 600.0
 # anything else: the generic error below); git's stderr says why.
 _CLONE_FAILED, _NO_SUCH_REF, _PATCH_DOES_NOT_APPLY = 201, 202, 204
 _CHECKOUT_SCRIPT = """
+checkout() { git -c core.logAllRefUpdates=false checkout --quiet --detach "$1^{commit}"; }
 git -c core.logAllRefUpdates=false clone --quiet --no-checkout --template= -- "$1" "$2" || exit 201
 cd "$2" || exit 203
-commit=$(git rev-parse --verify --quiet "$3^{commit}" ||
-         { [ -n "$4" ] && git rev-parse --verify --quiet "$4^{commit}"; }) || exit 202
-git -c core.logAllRefUpdates=false checkout --quiet --detach "$commit" || exit 203
+if ! { checkout "$3" 2>/dev/null || { [ -n "$4" ] && checkout "$4" 2>/dev/null; }; }; then
+  # Only now ask why (a rev-parse a run costs a child): no such commit, or the checkout broke.
+  for ref in "$3" "$4"; do
+    [ -n "$ref" ] && git rev-parse --verify --quiet "$ref^{commit}" >/dev/null && break
+  done || exit 202
+  checkout "$ref"; exit 203
+fi
 if [ "$5" = patch ]; then git apply --binary --whitespace=nowarn - || exit 204; fi
+read -r commit < .git/HEAD
 printf %s "$commit"
 """
 
