@@ -17,6 +17,7 @@ import contextlib
 import functools
 import json
 import logging
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from uuid import UUID
@@ -30,6 +31,7 @@ from broker import subjects
 from broker.consumer import Undeliverable, consume, durable_config
 from domain.application import Forgeline
 from domain.errors import IllegalTransition
+from domain.request import Request
 from domain.run import Run
 from domain.status import RunStatus
 from handlers import log_context, tracing
@@ -45,6 +47,7 @@ from handlers.workspaces.base import Provisioner
 
 log = logging.getLogger(__name__)
 
+_REQUESTS_KEPT = 4_096  # requests an executor keeps as loaded: one not kept is loaded again
 TRIGGERS = frozenset({"RunQueued", "RunRequeued"})
 # A run that ends while it waits (a cancel of a queued run) leaves the queue at once, so that
 # the positions of the runs behind it are right.
@@ -106,6 +109,10 @@ class Executor:
         self._active: dict[UUID, asyncio.Task[None]] = {}
         self._work = asyncio.Event()  # set when a run was queued here: pick now
         self._settling: set[UUID] = set()  # runs whose attempt ended, being settled
+        # Requests of runs queued here, as loaded then: an attempt reads only what a request
+        # was submitted with (repo, ref, agent options), which no later event changes, so it
+        # need not load the request again (a store read a run).
+        self._requests: OrderedDict[UUID, Request] = OrderedDict()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Queues and takes runs until stop is set; then lets active runs finish within the
@@ -162,13 +169,25 @@ class Executor:
             return
         try:
             run = await load_run(self.app, run_id)
-            request = await anyio.to_thread.run_sync(self.app.get_request, run.request_id)
+            request = await self.request(run.request_id)
         except AggregateNotFoundError as exc:
             raise Undeliverable(f"run {run_id} is not in this store") from exc
         if run.is_terminal:
             return  # a late copy of a trigger: nothing to run
         if await self.queue.enqueue(run_id, request.priority, request.labels):
             self._work.set()
+
+    async def request(self, request_id: UUID) -> Request:
+        """The request, as submitted (a run's attempt reads nothing a later event changes)."""
+        request = self._requests.get(request_id)
+        if request is None:
+            request = await anyio.to_thread.run_sync(self.app.get_request, request_id)
+            self._requests[request_id] = request
+            if len(self._requests) > _REQUESTS_KEPT:
+                self._requests.popitem(last=False)
+        else:
+            self._requests.move_to_end(request_id)
+        return request
 
     # -- taking runs ------------------------------------------------------------------------
 

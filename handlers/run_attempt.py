@@ -10,7 +10,6 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-import anyio
 from prometheus_client import Gauge, Histogram
 
 from broker.logs import RunLogWriter
@@ -103,7 +102,7 @@ class RunAttempt:
 
     async def _provision_and_run(self) -> None:
         app, run = self._x.app, self._run
-        request = await anyio.to_thread.run_sync(app.get_request, run.request_id)
+        request = await self._x.request(run.request_id)
         spec = WorkspaceSpec(
             run_id=run.id, request_id=run.request_id, repo=request.repo, ref=request.ref
         )
