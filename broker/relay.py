@@ -4,7 +4,9 @@ Postgres is the outbox. Each event is published with Nats-Msg-Id = its store pos
 publish retried inside the dedupe window is stored once. Beyond the window, exactly-once comes
 from the relay's tracked position: the larger of the one it saved in the FORGELINE_RELAY bucket
 and the position of the last message the stream holds, so a crash between publishing and
-saving the position never republishes.
+saving the position never republishes. The stream's last message is the position's true
+record; the bucket's copy (saved at most every `save_every_s`, and when the relay stops)
+serves when the stream lost its messages (purged, or aged out by its limits).
 
 It looks at the store again when `idle` (given by the composition root: a wait for the LISTEN
 wake-ups of forgeline/store_wakeups.py, with a slow poll as a fallback) returns; without it, it
@@ -17,6 +19,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 
 import anyio
@@ -43,8 +46,13 @@ class Relay:
         idle_wait_s: float = 0.02,
         idle: Callable[[asyncio.Event], Awaitable[None]] | None = None,
         ack_timeout_s: float = 10.0,
+        save_every_s: float = 1.0,
     ) -> None:
         self._app = app
+        # A save is a JetStream round trip; under load the relay publishes many small batches
+        # a second, and the stream's last message records the position anyway.
+        self._save_every_s = save_every_s
+        self._saved: tuple[int, float] | None = None  # (position, monotonic time) last saved
         self._ack_timeout_s = ack_timeout_s
         self._js = js
         self._batch_size = batch_size
@@ -62,22 +70,25 @@ class Relay:
             saved = int(entry.value or b"0")
         except KeyNotFoundError:
             pass
-        return max(saved, await self._last_position_on_stream())
+        return max(saved, await last_position_on_stream(self._js))
 
     async def _bucket(self) -> KeyValue:
         if self._kv is None:
             self._kv = await self._js.key_value(subjects.RELAY_BUCKET)
         return self._kv
 
-    async def _last_position_on_stream(self) -> int:
-        info = await self._js.stream_info(subjects.EVENTS_STREAM)
-        if not info.state.last_seq:
-            return 0
-        try:
-            msg = await self._js.get_msg(subjects.EVENTS_STREAM, seq=info.state.last_seq)
-        except NotFoundError:
-            return 0
-        return int(json.loads(msg.data or b"{}").get("position", 0))
+    async def save_position(self, *, unless_saved_within_s: float = 0.0) -> None:
+        """Saves the position in the bucket, unless it was saved that recently (or is)."""
+        if self._position is None:
+            return
+        now = time.monotonic()
+        if self._saved is not None and (
+            self._saved[0] == self._position or now - self._saved[1] < unless_saved_within_s
+        ):
+            return
+        kv = await self._bucket()
+        await kv.put(_POSITION_KEY, str(self._position).encode())
+        self._saved = (self._position, now)
 
     async def publish_batch(self) -> int:
         """Publishes the next batch of stored events; returns how many it published."""
@@ -107,8 +118,7 @@ class Relay:
         # again (the same Nats-Msg-Ids) rather than wait forever.
         await asyncio.wait_for(asyncio.gather(*acks), self._ack_timeout_s)
         self._position = notifications[-1].id
-        kv = await self._bucket()
-        await kv.put(_POSITION_KEY, str(self._position).encode())
+        await self.save_position(unless_saved_within_s=self._save_every_s)
         return len(notifications)
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -128,6 +138,21 @@ class Relay:
                     await self._idle(stop)
                 else:
                     await _wait(stop, self._idle_wait_s)
+        with contextlib.suppress(Exception):  # else the next relay finds it on the stream
+            await self.save_position()
+
+
+async def last_position_on_stream(js: JetStreamContext) -> int:
+    """The store position of the last event on FORGELINE_EVENTS (0 when it holds none): how
+    far the relay got, whatever its bucket says."""
+    info = await js.stream_info(subjects.EVENTS_STREAM)
+    if not info.state.last_seq:
+        return 0
+    try:
+        msg = await js.get_msg(subjects.EVENTS_STREAM, seq=info.state.last_seq)
+    except NotFoundError:
+        return 0
+    return int(json.loads(msg.data or b"{}").get("position", 0))
 
 
 async def _wait(stop: asyncio.Event, seconds: float) -> None:

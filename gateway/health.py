@@ -17,6 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from broker import dead_letters, subjects
+from broker.relay import last_position_on_stream
 from domain.application import EVENTS_TABLE
 from gateway._http import deps
 from gateway.deps import GatewayDeps
@@ -211,6 +212,8 @@ async def _relay_metrics(d: GatewayDeps, out: _Text, store_position: int) -> Non
             position = int(entry.value or b"0")
         except KeyNotFoundError:
             position = 0
+        # The relay saves its bucket copy at most every second: the stream is up to date.
+        position = max(position, await asyncio.wait_for(last_position_on_stream(d.js), 2))
     except (NatsError, TimeoutError, ValueError) as exc:
         log.warning("metrics: no relay position: %s", type(exc).__name__)
         return  # no relay metrics rather than wrong ones

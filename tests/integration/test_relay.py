@@ -340,3 +340,30 @@ async def test_relay_goes_on_after_the_server_lost_a_batch_it_published(
         await watcher.close()
         relay_app.close()
         server.stop()
+
+
+async def _bucket_position(js: JetStreamContext) -> int:
+    entry = await (await js.key_value(subjects.RELAY_BUCKET)).get("position")
+    return int(entry.value or b"0")
+
+
+async def test_relay_saves_its_bucket_position_at_most_every_interval_and_when_it_stops(
+    own_nats: str,
+    relay_js: JetStreamContext,
+    store: Forgeline,
+    database_url: str,
+    published: PublishLog,
+) -> None:
+    """The bucket copy lags under load (a save is a round trip); the stream never does, and a
+    relay that stops leaves the bucket at its last position."""
+    await in_thread(submit_many, store, 60)
+    positions = await in_thread(store_positions, database_url)
+    async with relay_process(own_nats, database_url, batch_size=30, save_every_s=3600) as relay:
+        assert [await relay.publish_batch() for _ in range(4)] == [30, 30, 30, 30]
+        assert await _bucket_position(relay_js) == positions[29]  # the first batch's, only
+        assert await relay.tracked_position() == positions[-1]  # from the stream
+        stop = asyncio.Event()
+        stop.set()
+        await relay.run(stop)
+        assert await _bucket_position(relay_js) == positions[-1]
+    await assert_exactly_once(relay_js, database_url, published)
