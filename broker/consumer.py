@@ -127,8 +127,9 @@ async def consume(
                 outcomes.append(exc)
             else:
                 outcomes.append(None)
-            # Settled before the next one is handled: order and acks as one at a time.
-            await settle(js, msg, outcomes[-1], policy)
+            # Settled before the next one is handled: order and acks as one at a time. The
+            # ack is not waited for (handlers are idempotent: a lost one is a redelivery).
+            await settle(js, msg, outcomes[-1], policy, confirmed=False)
         return outcomes
 
     await _consume(js, stream, config, one_by_one, stop, batch=batch, retry=policy)
