@@ -63,14 +63,7 @@ class Relay:
 
     async def tracked_position(self) -> int:
         """The last position known to be on the stream (0 when none)."""
-        saved = 0
-        kv = await self._bucket()
-        try:
-            entry = await kv.get(_POSITION_KEY)
-            saved = int(entry.value or b"0")
-        except KeyNotFoundError:
-            pass
-        return max(saved, await last_position_on_stream(self._js))
+        return await published_position(self._js, await self._bucket())
 
     async def _bucket(self) -> KeyValue:
         if self._kv is None:
@@ -140,6 +133,19 @@ class Relay:
                     await _wait(stop, self._idle_wait_s)
         with contextlib.suppress(Exception):  # else the next relay finds it on the stream
             await self.save_position()
+
+
+async def published_position(js: JetStreamContext, kv: KeyValue | None = None) -> int:
+    """How far the relay got (0 when nowhere): the position of the last message on the
+    stream, or the bucket copy's where that is further (the stream lost its messages)."""
+    kv = kv or await js.key_value(subjects.RELAY_BUCKET)
+    saved = 0
+    try:
+        entry = await kv.get(_POSITION_KEY)
+        saved = int(entry.value or b"0")
+    except KeyNotFoundError:
+        pass
+    return max(saved, await last_position_on_stream(js))
 
 
 async def last_position_on_stream(js: JetStreamContext) -> int:

@@ -19,7 +19,6 @@ from collections.abc import Callable, Iterable, Iterator
 import psycopg
 import uvicorn
 from nats.js import JetStreamContext
-from nats.js.errors import KeyNotFoundError
 from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -29,11 +28,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from broker import subjects
+from broker.relay import published_position
 from domain.application import EVENTS_TABLE
 from forgeline.settings import Settings
 from forgeline.startup import StartupError
-from gateway.health import PROJECTOR_NAME, RELAY_POSITION_KEY
+from gateway.health import PROJECTOR_NAME
 from projections.schema import POSITIONS_TABLE
 
 log = logging.getLogger(__name__)
@@ -134,12 +133,7 @@ class RoleMetrics:
 
     async def _relay_position(self) -> int | None:
         try:
-            kv = await asyncio.wait_for(self.js.key_value(subjects.RELAY_BUCKET), _TIMEOUT_S)
-            try:
-                entry = await asyncio.wait_for(kv.get(RELAY_POSITION_KEY), _TIMEOUT_S)
-            except KeyNotFoundError:
-                return 0
-            return int(entry.value or b"0")
+            return await asyncio.wait_for(published_position(self.js), _TIMEOUT_S)
         except Exception as exc:  # NATS away: no relay metrics rather than wrong ones
             log.warning("metrics: no relay position: %s", type(exc).__name__)
             return None

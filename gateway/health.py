@@ -8,7 +8,6 @@ import logging
 from typing import Any
 
 from nats.errors import Error as NatsError
-from nats.js.errors import KeyNotFoundError
 from prometheus_client import REGISTRY, generate_latest
 from psycopg import AsyncConnection, sql
 from psycopg import Error as PsycopgError
@@ -16,8 +15,8 @@ from psycopg_pool import PoolTimeout
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from broker import dead_letters, subjects
-from broker.relay import last_position_on_stream
+from broker import dead_letters
+from broker.relay import published_position
 from domain.application import EVENTS_TABLE
 from gateway._http import deps
 from gateway.deps import GatewayDeps
@@ -44,7 +43,6 @@ async def readyz(request: Request) -> JSONResponse:
 
 # Run durations (finished_at - started_at, from the read tables), in seconds.
 RUN_DURATION_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400)
-RELAY_POSITION_KEY = "position"  # broker/relay.py keeps its position under this key
 PROJECTOR_NAME = f"{LIVE_PREFIX}tables"  # projections/runner.py's row in the positions table
 
 
@@ -206,14 +204,7 @@ async def _store_metrics(conn: AsyncConnection[Any], out: _Text) -> int:
 
 async def _relay_metrics(d: GatewayDeps, out: _Text, store_position: int) -> None:
     try:
-        kv = await asyncio.wait_for(d.js.key_value(subjects.RELAY_BUCKET), 2)
-        try:
-            entry = await asyncio.wait_for(kv.get(RELAY_POSITION_KEY), 2)
-            position = int(entry.value or b"0")
-        except KeyNotFoundError:
-            position = 0
-        # The relay saves its bucket copy at most every second: the stream is up to date.
-        position = max(position, await asyncio.wait_for(last_position_on_stream(d.js), 2))
+        position = await asyncio.wait_for(published_position(d.js), 2)
     except (NatsError, TimeoutError, ValueError) as exc:
         log.warning("metrics: no relay position: %s", type(exc).__name__)
         return  # no relay metrics rather than wrong ones
