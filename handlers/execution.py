@@ -205,17 +205,18 @@ class Executor:
                 self._slots.release()
                 await _first_of(stop, self._work, self.settings.poll_s)
                 continue
-            task = asyncio.create_task(self._attempt(run_id))
+            slot = _Slot(self._slots)
+            task = asyncio.create_task(self._attempt(run_id, slot))
             self._active[run_id] = task
-            task.add_done_callback(functools.partial(self._attempt_done, run_id))
+            task.add_done_callback(functools.partial(self._attempt_done, run_id, slot))
 
-    def _attempt_done(self, run_id: UUID, task: asyncio.Task[None]) -> None:
+    def _attempt_done(self, run_id: UUID, slot: _Slot, task: asyncio.Task[None]) -> None:
         # The run may be running again here already (released, then picked by another slot).
         if self._active.get(run_id) is task:
             del self._active[run_id]
-        self._slots.release()
+        slot.free()
 
-    async def _attempt(self, run_id: UUID) -> None:
+    async def _attempt(self, run_id: UUID, slot: _Slot) -> None:
         with log_context.bound(run_id=run_id):
             async with tracing.executing(self.js, run_id):
                 retry_after_s = 0.0
@@ -237,6 +238,9 @@ class Executor:
                             ended = attempt.ended
                 finally:
                     self._settling.add(run_id)  # its row may go now: not a lost lease
+                    # Its agent is done: the next run may start while this one is settled
+                    # (a queue statement and its commit, off the slot).
+                    slot.free()
                     try:
                         await asyncio.shield(self._settle(run_id, retry_after_s, ended))
                     finally:
@@ -309,6 +313,19 @@ class Executor:
         for task in pending:
             task.cancel()
         await asyncio.wait(pending, timeout=30.0)
+
+
+class _Slot:
+    """One of the worker's slots, held by one attempt: freed once (when its agent is done, or
+    at the latest when its task ends, however it ends)."""
+
+    def __init__(self, slots: asyncio.Semaphore) -> None:
+        self._slots: asyncio.Semaphore | None = slots
+
+    def free(self) -> None:
+        if self._slots is not None:
+            self._slots.release()
+            self._slots = None
 
 
 async def _first_of(stop: asyncio.Event, work: asyncio.Event, timeout_s: float) -> None:

@@ -4,16 +4,19 @@ global limit holds across worker processes."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from uuid import UUID
 
+import psycopg
 import pytest
 
 from broker.commands import publish_command
 from domain.commands import CancelRequest
 from domain.status import RunStatus
+from handlers.scheduling import RunQueue
 from tests.integration.conftest import eventually
 from tests.integration.worker_stack import (
     Services,
@@ -145,3 +148,38 @@ async def test_a_cancelled_queued_run_leaves_the_queue_and_the_next_moves_up(
     assert queued_rows(database_url) == 1
     gate.touch()
     assert (await finished(one_slot, second.run_id)).status is RunStatus.SUCCEEDED
+
+
+async def test_a_slot_is_free_once_its_run_ended_while_the_queue_row_still_goes(
+    one_slot: Services, database_url: str, git_repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With one slot, the next run starts and ends while the queue row of the run before is
+    still being removed (held here by a gate in front of the real removal)."""
+    gate = asyncio.Event()
+    removing: list[UUID] = []
+    remove = RunQueue.remove
+
+    async def held_remove(queue: RunQueue, run_id: UUID) -> None:
+        removing.append(run_id)
+        await gate.wait()
+        await remove(queue, run_id)
+
+    monkeypatch.setattr(RunQueue, "remove", held_remove)
+    try:
+        first = await submit(one_slot, git_repo, "true\n")
+        second = await submit(one_slot, git_repo, "true\n")
+        assert (await finished(one_slot, first.run_id)).status is RunStatus.SUCCEEDED
+        assert (await finished(one_slot, second.run_id)).status is RunStatus.SUCCEEDED
+        assert removing[0] == first.run_id and _rows(database_url, [first.run_id]) == 1
+    finally:
+        gate.set()
+    runs = [first.run_id, second.run_id]
+    await eventually(lambda: _rows(database_url, runs) == 0, message="their rows removed")
+
+
+def _rows(database_url: str, run_ids: list[UUID]) -> int:
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM forgeline_run_queue WHERE run_id = ANY(%s)", (run_ids,)
+        ).fetchone()
+    return int(row[0]) if row else 0
