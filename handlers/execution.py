@@ -20,6 +20,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 from uuid import UUID
 
 import anyio
@@ -47,7 +48,9 @@ from handlers.workspaces.base import Provisioner
 
 log = logging.getLogger(__name__)
 
-_REQUESTS_KEPT = 4_096  # requests an executor keeps as loaded: one not kept is loaded again
+T = TypeVar("T")
+
+_KEPT = 4_096  # requests (and queued runs) an executor keeps as loaded; one not kept is loaded
 TRIGGERS = frozenset({"RunQueued", "RunRequeued"})
 # A run that ends while it waits (a cancel of a queued run) leaves the queue at once, so that
 # the positions of the runs behind it are right.
@@ -113,6 +116,9 @@ class Executor:
         # was submitted with (repo, ref, agent options), which no later event changes, so it
         # need not load the request again (a store read a run).
         self._requests: OrderedDict[UUID, Request] = OrderedDict()
+        # Runs as loaded when queued here: the claim is decided on that copy first (a save at
+        # its next version fails if anyone wrote since: then on a fresh load), not on a load.
+        self._queued_runs: OrderedDict[UUID, Run] = OrderedDict()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Queues and takes runs until stop is set; then lets active runs finish within the
@@ -174,6 +180,7 @@ class Executor:
             raise Undeliverable(f"run {run_id} is not in this store") from exc
         if run.is_terminal:
             return  # a late copy of a trigger: nothing to run
+        _keep(self._queued_runs, run_id, run)
         if await self.queue.enqueue(run_id, request.priority, request.labels):
             self._work.set()
 
@@ -182,11 +189,7 @@ class Executor:
         request = self._requests.get(request_id)
         if request is None:
             request = await anyio.to_thread.run_sync(self.app.get_request, request_id)
-            self._requests[request_id] = request
-            if len(self._requests) > _REQUESTS_KEPT:
-                self._requests.popitem(last=False)
-        else:
-            self._requests.move_to_end(request_id)
+        _keep(self._requests, request_id, request)
         return request
 
     # -- taking runs ------------------------------------------------------------------------
@@ -222,7 +225,7 @@ class Executor:
                 retry_after_s = 0.0
                 ended: Run | None = None  # the run as this attempt last saved it, if ended
                 try:
-                    run = await load_run(self.app, run_id)
+                    run = self._queued_runs.pop(run_id, None) or await load_run(self.app, run_id)
                     if run.status is RunStatus.QUEUED:
                         try:
                             with tracing.step("claim"):
@@ -313,6 +316,14 @@ class Executor:
         for task in pending:
             task.cancel()
         await asyncio.wait(pending, timeout=30.0)
+
+
+def _keep(kept: OrderedDict[UUID, T], key: UUID, value: T) -> None:
+    """Keeps value as the latest used, forgetting the least recently used past _KEPT."""
+    kept[key] = value
+    kept.move_to_end(key)
+    if len(kept) > _KEPT:
+        kept.popitem(last=False)
 
 
 class _Slot:
