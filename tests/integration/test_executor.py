@@ -34,7 +34,7 @@ from broker.commands import AnyCommand, publish_command
 from broker.connection import connect
 from broker.logs import ACK_TIMEOUT_S, read_log
 from domain.application import Forgeline
-from domain.commands import CancelRequest, RequestSpec, RerunRequest, SubmitRequest
+from domain.commands import CancelRequest, RerunRequest
 from domain.run import Run
 from domain.status import RunStatus
 from forgeline.bootstrap import Servers, open_store, run_services
@@ -43,6 +43,7 @@ from forgeline.settings import Settings
 from handlers.agents.base import BASE_ENV
 from projections.views import Views
 from tests.integration.conftest import eventually, in_thread
+from tests.integration.worker_stack import finished, run_now, submit
 
 
 @dataclass
@@ -128,31 +129,6 @@ async def stack(
 async def send(stack: Stack, command: AnyCommand) -> None:
     stack.check_alive()
     await publish_command(stack.js, command)
-
-
-async def submit(stack: Stack, repo: Path | str, script: str, **spec: Any) -> SubmitRequest:
-    command = SubmitRequest(
-        command_id=f"cmd-{uuid.uuid4()}",
-        request_id=uuid.uuid4(),
-        run_id=uuid.uuid4(),
-        spec=RequestSpec(repo=str(repo), prompt=script, **spec),
-    )
-    await send(stack, command)
-    return command
-
-
-async def run_now(stack: Stack, run_id: UUID) -> Run:
-    stack.check_alive()
-    return await in_thread(stack.app.get_run, run_id)  # type: ignore[no-any-return]
-
-
-async def finished(stack: Stack, run_id: UUID, timeout: float = 20) -> Run:
-    async def terminal() -> Run | None:
-        run = await run_now(stack, run_id)
-        return run if run.is_terminal else None
-
-    run: Run = await eventually(terminal, timeout, f"run {run_id} to end")
-    return run
 
 
 async def reaches(stack: Stack, run_id: UUID, status: RunStatus, timeout: float = 20) -> Run:

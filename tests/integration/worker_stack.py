@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from uuid import UUID
 
 import psycopg
@@ -26,6 +26,15 @@ from forgeline.bootstrap import Servers, open_store, run_services
 from forgeline.settings import Settings
 from projections.views import Views
 from tests.integration.conftest import eventually, in_thread
+
+
+class Running(Protocol):
+    """What the helpers below need of running services (Services here, test_executor's Stack)."""
+
+    js: JetStreamContext
+    app: Forgeline
+
+    def check_alive(self) -> None: ...
 
 
 @dataclass
@@ -91,7 +100,7 @@ async def services(
         await nc.close()
 
 
-async def submit(svc: Services, repo: Path | str, script: str, **spec: Any) -> SubmitRequest:
+async def submit(svc: Running, repo: Path | str, script: str, **spec: Any) -> SubmitRequest:
     svc.check_alive()
     command = SubmitRequest(
         command_id=f"cmd-{uuid.uuid4()}",
@@ -103,12 +112,12 @@ async def submit(svc: Services, repo: Path | str, script: str, **spec: Any) -> S
     return command
 
 
-async def run_now(svc: Services, run_id: UUID) -> Run:
+async def run_now(svc: Running, run_id: UUID) -> Run:
     svc.check_alive()
     return await in_thread(svc.app.get_run, run_id)  # type: ignore[no-any-return]
 
 
-async def finished(svc: Services, run_id: UUID, timeout: float = 30) -> Run:
+async def finished(svc: Running, run_id: UUID, timeout: float = 30) -> Run:
     async def terminal() -> Run | None:
         run = await run_now(svc, run_id)
         return run if run.is_terminal else None
