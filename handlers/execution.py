@@ -171,6 +171,7 @@ class Executor:
         except (ValueError, KeyError, TypeError) as exc:
             raise Undeliverable(f"not a run event: {exc}") from exc
         if event_type in ENDED_WAITING:
+            self._queued_runs.pop(run_id, None)
             await self.queue.remove_waiting(run_id)
             return
         try:
