@@ -75,8 +75,7 @@ class Workspaces:
         return removed
 
     async def close(self) -> None:
-        if isinstance(self.provisioner, LocalProvisioner):
-            await self.provisioner.close()  # no `rm` of old workspaces outlives the worker
+        await self.provisioner.close()
         if self._docker is not None:
             await self._docker.close()
 

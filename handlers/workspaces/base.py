@@ -88,3 +88,8 @@ class Provisioner(Protocol):
     name: str
 
     async def provision(self, spec: WorkspaceSpec) -> Workspace: ...
+
+    async def close(self) -> None:
+        """Waits for what it still does in the background for finished workspaces, so that
+        none of it outlives the worker."""
+        ...

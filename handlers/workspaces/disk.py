@@ -47,15 +47,6 @@ def prepare_workspaces_dir(folder: Path) -> bool:
         return False
 
 
-def is_hierarchy_top(folder: Path) -> bool:
-    """Whether folder carries the top-of-hierarchy mark (what `lsattr -d` shows as T)."""
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        return bool(_flags(fd) & _FS_TOPDIR_FL)
-    finally:
-        os.close(fd)
-
-
 def _mark_as_hierarchy_top(folder: Path) -> bool:
     fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:

@@ -196,6 +196,9 @@ class DockerProvisioner:
         self._installation = installation
         self._scratch_dir = scratch_dir
 
+    async def close(self) -> None:
+        pass  # a workspace removes its container when it closes; the engine client is the caller's
+
     async def ping(self) -> None:
         """Raises WorkspaceUnavailable unless the engine answers (the breaker's probe)."""
         async with engine_call("asking the engine for its version", timeout_s=5.0):

@@ -7,12 +7,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import Sequence
+from typing import Any
 
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from broker import dead_letters, subjects
 from broker.consumer import (
+    BatchHandler,
     Outcome,
     TwoStepBatchHandler,
     Undeliverable,
@@ -30,6 +32,27 @@ async def published(js: JetStreamContext, count: int) -> None:
         for i in range(count)
     ]
     await asyncio.gather(*acks)
+
+
+async def consumed_until_settled(
+    js: JetStreamContext, durable: str, handle: BatchHandler | TwoStepBatchHandler[Any]
+) -> None:
+    """Runs consume_batches (batches of 50) until every message is settled, then stops it."""
+    stop = asyncio.Event()
+    config = durable_config(durable, [subjects.COMMANDS_SUBJECTS])
+    consumer = asyncio.create_task(
+        consume_batches(js, subjects.COMMANDS_STREAM, config, handle, stop, batch=50)
+    )
+
+    async def all_settled() -> bool:
+        info = await js.consumer_info(subjects.COMMANDS_STREAM, durable)
+        return bool(info.num_pending == 0 and info.num_ack_pending == 0)
+
+    try:
+        await eventually(all_settled, 20, "every message settled")
+    finally:
+        stop.set()
+        await asyncio.wait_for(consumer, 10)
 
 
 async def test_batches_are_handled_one_at_a_time_in_stream_order_and_each_settled(
@@ -50,21 +73,7 @@ async def test_batches_are_handled_one_at_a_time_in_stream_order_and_each_settle
         # Every 7th refused as undeliverable: settled by its own outcome, not the batch's.
         return [Undeliverable("refused") if int(m.data) % 7 == 0 else None for m in msgs]
 
-    stop = asyncio.Event()
-    config = durable_config("batch-test", [subjects.COMMANDS_SUBJECTS])
-    consumer = asyncio.create_task(
-        consume_batches(js, subjects.COMMANDS_STREAM, config, handle, stop, batch=50)
-    )
-
-    async def all_settled() -> bool:
-        info = await js.consumer_info(subjects.COMMANDS_STREAM, "batch-test")
-        return info.num_pending == 0 and info.num_ack_pending == 0
-
-    try:
-        await eventually(all_settled, 20, "every message settled")
-    finally:
-        stop.set()
-        await asyncio.wait_for(consumer, 10)
+    await consumed_until_settled(js, "batch-test", handle)
 
     assert not overlapped
     assert seen == list(range(350))  # each once, in stream order
@@ -109,22 +118,9 @@ async def test_a_two_step_handler_prepares_the_next_batch_while_this_one_is_deci
         deciding -= 1
         return [Undeliverable("refused") if n % 7 == 0 else None for n in numbers]
 
-    stop = asyncio.Event()
-    config = durable_config("two-step-test", [subjects.COMMANDS_SUBJECTS])
-    handler = TwoStepBatchHandler(prepare=prepare, decide=decide)
-    consumer = asyncio.create_task(
-        consume_batches(js, subjects.COMMANDS_STREAM, config, handler, stop, batch=50)
+    await consumed_until_settled(
+        js, "two-step-test", TwoStepBatchHandler(prepare=prepare, decide=decide)
     )
-
-    async def all_settled() -> bool:
-        info = await js.consumer_info(subjects.COMMANDS_STREAM, "two-step-test")
-        return info.num_pending == 0 and info.num_ack_pending == 0
-
-    try:
-        await eventually(all_settled, 20, "every message settled")
-    finally:
-        stop.set()
-        await asyncio.wait_for(consumer, 10)
 
     assert not decides_overlapped
     firsts = [first for step, first in log if step == "decide"]
