@@ -37,12 +37,19 @@ printf %s "$commit"
 """
 
 
-async def checkout(repo_dir: Path, spec: WorkspaceSpec) -> str:
+async def checkout(repo_dir: Path, spec: WorkspaceSpec, *, borrow: bool = False) -> str:
     """Clones spec.repo into repo_dir, detached at spec.ref with spec.base_patch applied;
     returns the base commit. Raises RepoUnreachable for a bad repo or ref.
 
     The clone leaves git's template out (`--template=`: no sample hooks, nothing a run
-    needs): fewer files to write now and to delete when the workspace goes."""
+    needs): fewer files to write now and to delete when the workspace goes.
+
+    borrow: when spec.repo is a repository on this host, the workspace borrows its objects
+    instead of cloning them (see _checkout_borrowing); only for a workspace that stays on
+    this host (the local provisioner: a Docker workspace's copy must hold its objects)."""
+    source = _git_dir_on_host(spec.repo) if borrow else None
+    if source is not None:
+        return await _checkout_borrowing(repo_dir, spec, source)
     ref, fallback = ("HEAD", "") if spec.ref is None else (spec.ref, f"origin/{spec.ref}")
     code, out, err = await run_checked(
         ["sh", "-c", _CHECKOUT_SCRIPT, "checkout", spec.repo, str(repo_dir), ref, fallback,
@@ -61,6 +68,86 @@ async def checkout(repo_dir: Path, spec: WorkspaceSpec) -> str:
     if code == _PATCH_DOES_NOT_APPLY:
         raise WorkspaceError(f"the previous run's patch does not apply: {last_line(err)}")
     raise WorkspaceError(f"git checkout failed: {last_line(err)}")
+
+
+def _git_dir_on_host(repo: str) -> Path | None:
+    """The git directory of repo when it is a path to a repository on this host (a work tree
+    with a .git folder, or a bare repository); None for anything else (a URL, a linked
+    worktree, no repository at all: the clone takes those and names what is wrong)."""
+    if not repo.startswith("/") or "\n" in repo:
+        return None
+    path = Path(repo)
+    for git_dir in (path / ".git", path):
+        if (git_dir / "objects").is_dir() and (git_dir / "HEAD").is_file():
+            return git_dir
+    return None
+
+
+async def _checkout_borrowing(repo_dir: Path, spec: WorkspaceSpec, source: Path) -> str:
+    """A new repository in repo_dir that reads the source's objects through
+    objects/info/alternates (what `git clone --shared` sets up), detached at the ref as the
+    source resolves it. Two git children (rev-parse, checkout) instead of the clone's five
+    processes (sh, clone, sh, upload-pack, checkout): on a host where every process start
+    costs ~1 ms (glibc's CPU probing traps to the hypervisor), the clone was most of a no-op
+    run's CPU.
+
+    What differs from a clone: objects the agent writes land in the workspace; the ones it
+    reads stay in the source, which must not prune them while the run lasts (as with
+    `clone --shared`); the workspace has the origin remote but no remote-tracking refs."""
+    wanted = spec.ref or "HEAD"
+    code, out, _ = await run_checked(
+        ["git", f"--git-dir={source}", "rev-parse", "--verify", "--quiet", "--end-of-options",
+         f"{wanted}^{{commit}}"],
+        env=_env(),
+    )  # fmt: skip
+    if code != 0:
+        raise RepoUnreachable(f"ref {wanted!r} does not name a commit in the repository")
+    commit = out.strip()
+    _init_borrowing(repo_dir / ".git", (source / "objects").resolve(), spec.repo, commit)
+    await _git_or_fail(
+        ["git", "-c", "core.logAllRefUpdates=false", "checkout", "--quiet", "--detach", commit],
+        "git checkout",
+        cwd=repo_dir,
+    )
+    if spec.base_patch:
+        code, _, err = await run_checked(
+            ["git", "apply", "--binary", "--whitespace=nowarn", "-"],
+            cwd=repo_dir,
+            env=_env(),
+            stdin=spec.base_patch.encode(),
+        )
+        if code != 0:
+            raise WorkspaceError(f"the previous run's patch does not apply: {last_line(err)}")
+    return commit
+
+
+def _init_borrowing(git_dir: Path, objects: Path, origin: str, commit: str) -> None:
+    """What `git init` + `git remote add origin` would write (gitrepository-layout(5)), by
+    hand: one git child less a run. HEAD is replaced by the checkout that follows."""
+    (git_dir / "objects" / "info").mkdir(parents=True)
+    (git_dir / "refs" / "heads").mkdir(parents=True)
+    (git_dir / "refs" / "tags").mkdir()
+    (git_dir / "objects" / "info" / "alternates").write_text(f"{objects}\n")
+    (git_dir / "HEAD").write_text("ref: refs/heads/main\n")
+    # The object format must be the source's: a SHA-256 repository names commits in 64 hex.
+    sha256 = len(commit) == 64
+    (git_dir / "config").write_text(
+        f"[core]\n\trepositoryformatversion = {1 if sha256 else 0}\n\tbare = false\n"
+        + ("[extensions]\n\tobjectformat = sha256\n" if sha256 else "")
+        + f'[remote "origin"]\n\turl = {_config_value(origin)}\n'
+        "\tfetch = +refs/heads/*:refs/remotes/origin/*\n"
+    )
+
+
+async def _git_or_fail(argv: list[str], what: str, *, cwd: Path | None = None) -> None:
+    code, _, err = await run_checked(argv, cwd=cwd, env=_env(), timeout_s=CLONE_TIMEOUT_S)
+    if code != 0:
+        raise WorkspaceError(f"{what} failed: {last_line(err)}")
+
+
+def _config_value(text: str) -> str:
+    """text as a quoted git-config value (backslashes and quotes escaped)."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _env() -> dict[str, str]:

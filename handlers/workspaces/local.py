@@ -145,7 +145,7 @@ class LocalProvisioner:
         await asyncio.to_thread(shutil.rmtree, root, True)
         (root / "home").mkdir(parents=True)
         try:
-            base_commit = await checkout(root / "repo", spec)
+            base_commit = await checkout(root / "repo", spec, borrow=True)
         except BaseException:
             await asyncio.to_thread(shutil.rmtree, root, True)
             raise
