@@ -142,7 +142,8 @@ class LocalProvisioner:
 
     async def provision(self, spec: WorkspaceSpec) -> LocalWorkspace:
         root = self._dir / str(spec.run_id)
-        await asyncio.to_thread(shutil.rmtree, root, True)
+        if root.exists():  # an earlier attempt's, left by a worker that died (a thread hop less)
+            await asyncio.to_thread(shutil.rmtree, root, True)
         (root / "home").mkdir(parents=True)
         try:
             base_commit = await checkout(root / "repo", spec, borrow=True)
