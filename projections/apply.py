@@ -38,8 +38,14 @@ def projectable(value: Any) -> Any:
     return value
 
 
-def _execute(cur: Cursor[Any], query: sql.Composed, params: tuple[Any, ...]) -> None:
+def _execute(cur: Cursor[Any], query: bytes, params: tuple[Any, ...]) -> None:
     cur.execute(query, projectable(params))
+
+
+def _rendered(query: sql.Composed) -> bytes:
+    """The statement as text once: composing it and quoting its identifiers on every event
+    took ~35 us of the projector's ~120 us an event (bench case 3, per-event SQL)."""
+    return query.as_bytes(None)
 
 
 def usage_view(e: Run.UsageRecorded) -> dict[str, Any]:
@@ -54,6 +60,41 @@ def usage_view(e: Run.UsageRecorded) -> dict[str, Any]:
 class Applier:
     def __init__(self, prefix: str) -> None:
         self._requests, self._runs = tables(prefix)
+        requests, runs = self._requests, self._runs
+        self._insert_request = _rendered(
+            sql.SQL(
+                "INSERT INTO {t} (id, status, repo, ref, prompt, agent, agent_options, priority,"
+                " timeout_s, labels, idempotency_key, created_at, updated_at, latest_run_id)"
+                " VALUES (%s, 'queued', %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                " ON CONFLICT (id) DO NOTHING"
+            ).format(t=requests)
+        )
+        self._point_at_rerun = _rendered(
+            sql.SQL(
+                "UPDATE {t} SET latest_run_id = %s, status = 'queued', updated_at = %s"
+                " WHERE id = %s"
+            ).format(t=requests)
+        )
+        self._insert_run = _rendered(
+            sql.SQL(
+                "INSERT INTO {t} (id, request_id, number, status, agent, attempt, queued_at)"
+                " VALUES (%s, %s, %s, 'queued', %s, 0, %s) ON CONFLICT (id) DO NOTHING"
+            ).format(t=runs)
+        )
+        self._touch_updated_at = _rendered(
+            sql.SQL(
+                "UPDATE {r} SET updated_at = %s"
+                " WHERE id = (SELECT request_id FROM {u} WHERE id = %s)"
+            ).format(r=requests, u=runs)
+        )
+        self._touch_status = _rendered(
+            sql.SQL(
+                "UPDATE {r} SET updated_at = %s,"
+                " status = CASE WHEN latest_run_id = %s THEN %s ELSE status END"
+                " WHERE id = (SELECT request_id FROM {u} WHERE id = %s)"
+            ).format(r=requests, u=runs)
+        )
+        self._run_updates: dict[tuple[str, ...], bytes] = {}  # by the columns they set
         self._handlers: dict[type, Callable[[Cursor[Any], Any], None]] = {
             Request.RequestSubmitted: self._request_submitted,
             Request.RerunRequested: self._rerun_requested,
@@ -76,12 +117,7 @@ class Applier:
     def _request_submitted(self, cur: Cursor[Any], e: Request.RequestSubmitted) -> None:
         _execute(
             cur,
-            sql.SQL(
-                "INSERT INTO {t} (id, status, repo, ref, prompt, agent, agent_options, priority,"
-                " timeout_s, labels, idempotency_key, created_at, updated_at, latest_run_id)"
-                " VALUES (%s, 'queued', %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
-                " ON CONFLICT (id) DO NOTHING"
-            ).format(t=self._requests),
+            self._insert_request,
             (
                 e.originator_id,
                 e.repo,
@@ -100,22 +136,12 @@ class Applier:
         )
 
     def _rerun_requested(self, cur: Cursor[Any], e: Request.RerunRequested) -> None:
-        _execute(
-            cur,
-            sql.SQL(
-                "UPDATE {t} SET latest_run_id = %s, status = 'queued', updated_at = %s"
-                " WHERE id = %s"
-            ).format(t=self._requests),
-            (e.run_id, e.timestamp, e.originator_id),
-        )
+        _execute(cur, self._point_at_rerun, (e.run_id, e.timestamp, e.originator_id))
 
     def _run_queued(self, cur: Cursor[Any], e: Run.RunQueued) -> None:
         _execute(
             cur,
-            sql.SQL(
-                "INSERT INTO {t} (id, request_id, number, status, agent, attempt, queued_at)"
-                " VALUES (%s, %s, %s, 'queued', %s, 0, %s) ON CONFLICT (id) DO NOTHING"
-            ).format(t=self._runs),
+            self._insert_run,
             (e.originator_id, e.request_id, e.number, e.agent, e.timestamp),
         )
 
@@ -157,14 +183,17 @@ class Applier:
         """Updates the run's row and, when its status changed, its request's status."""
         if status is not None:
             columns["status"] = status.value
-        assignments = sql.SQL(", ").join(
-            sql.SQL("{} = %s").format(sql.Identifier(name)) for name in columns
-        )
-        _execute(
-            cur,
-            sql.SQL("UPDATE {t} SET {a} WHERE id = %s").format(t=self._runs, a=assignments),
-            (*columns.values(), e.originator_id),
-        )
+        names = tuple(columns)
+        query = self._run_updates.get(names)
+        if query is None:
+            assignments = sql.SQL(", ").join(
+                sql.SQL("{} = %s").format(sql.Identifier(name)) for name in names
+            )
+            query = _rendered(
+                sql.SQL("UPDATE {t} SET {a} WHERE id = %s").format(t=self._runs, a=assignments)
+            )
+            self._run_updates[names] = query
+        _execute(cur, query, (*columns.values(), e.originator_id))
         self._touch_request(cur, e.originator_id, status, e.timestamp)
 
     def _touch_request(
@@ -172,21 +201,6 @@ class Applier:
     ) -> None:
         # A request shows its latest run's status; older runs' events only touch updated_at.
         if status is None:
-            _execute(
-                cur,
-                sql.SQL(
-                    "UPDATE {r} SET updated_at = %s"
-                    " WHERE id = (SELECT request_id FROM {u} WHERE id = %s)"
-                ).format(r=self._requests, u=self._runs),
-                (at, run_id),
-            )
+            _execute(cur, self._touch_updated_at, (at, run_id))
             return
-        _execute(
-            cur,
-            sql.SQL(
-                "UPDATE {r} SET updated_at = %s,"
-                " status = CASE WHEN latest_run_id = %s THEN %s ELSE status END"
-                " WHERE id = (SELECT request_id FROM {u} WHERE id = %s)"
-            ).format(r=self._requests, u=self._runs),
-            (at, run_id, status.as_request_status(), run_id),
-        )
+        _execute(cur, self._touch_status, (at, run_id, status.as_request_status(), run_id))
