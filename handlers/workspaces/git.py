@@ -95,11 +95,13 @@ async def _checkout_borrowing(repo_dir: Path, spec: WorkspaceSpec, source: Path)
     reads stay in the source, which must not prune them while the run lasts (as with
     `clone --shared`); the workspace has the origin remote but no remote-tracking refs."""
     wanted = spec.ref or "HEAD"
-    code, out, _ = await run_checked(
+    code, out, err = await run_checked(
         ["git", f"--git-dir={source}", "rev-parse", "--verify", "--quiet", "--end-of-options",
          f"{wanted}^{{commit}}"],
         env=_env(),
     )  # fmt: skip
+    if code != 0 and err.strip():  # --quiet silences a missing ref, not an unreadable repo
+        raise RepoUnreachable(f"cannot read {spec.repo}: {last_line(err)}")
     if code != 0:
         raise RepoUnreachable(f"ref {wanted!r} does not name a commit in the repository")
     commit = out.strip()

@@ -3,6 +3,7 @@ this host a workspace borrowing its objects: every checkout test runs both ways)
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 from uuid import uuid4
@@ -66,6 +67,9 @@ async def test_checkout_names_the_bad_repo_or_ref(
         await checkout(tmp_path / "b", _spec(origin, "no-such-branch"), borrow=borrow)
     with pytest.raises(RepoUnreachable, match="ref '--help' does not name a commit"):
         await checkout(tmp_path / "c", _spec(origin, "--help"), borrow=borrow)
+    (origin / ".git" / "HEAD").write_text("not a ref\n")  # git now refuses the repository
+    with pytest.raises(RepoUnreachable, match=rf"cannot (clone|read) {re.escape(str(origin))}: "):
+        await checkout(tmp_path / "d", _spec(origin), borrow=borrow)
 
 
 async def test_checkout_applies_the_base_patch_or_says_it_does_not_apply(
