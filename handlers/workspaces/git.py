@@ -106,11 +106,14 @@ async def _checkout_borrowing(repo_dir: Path, spec: WorkspaceSpec, source: Path)
         raise RepoUnreachable(f"ref {wanted!r} does not name a commit in the repository")
     commit = out.strip()
     _init_borrowing(repo_dir / ".git", (source / "objects").resolve(), spec.repo, commit)
-    await _git_or_fail(
+    code, _, err = await run_checked(
         ["git", "-c", "core.logAllRefUpdates=false", "checkout", "--quiet", "--detach", commit],
-        "git checkout",
         cwd=repo_dir,
+        env=_env(),
+        timeout_s=CLONE_TIMEOUT_S,
     )
+    if code != 0:
+        raise WorkspaceError(f"git checkout failed: {last_line(err)}")
     if spec.base_patch:
         code, _, err = await run_checked(
             ["git", "apply", "--binary", "--whitespace=nowarn", "-"],
@@ -139,12 +142,6 @@ def _init_borrowing(git_dir: Path, objects: Path, origin: str, commit: str) -> N
         + f'[remote "origin"]\n\turl = {_config_value(origin)}\n'
         "\tfetch = +refs/heads/*:refs/remotes/origin/*\n"
     )
-
-
-async def _git_or_fail(argv: list[str], what: str, *, cwd: Path | None = None) -> None:
-    code, _, err = await run_checked(argv, cwd=cwd, env=_env(), timeout_s=CLONE_TIMEOUT_S)
-    if code != 0:
-        raise WorkspaceError(f"{what} failed: {last_line(err)}")
 
 
 def _config_value(text: str) -> str:

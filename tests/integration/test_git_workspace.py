@@ -19,18 +19,26 @@ def _git(repo: Path, *args: str) -> str:
     return done.stdout.decode().strip()
 
 
+def _commit_all(repo: Path, message: str) -> None:
+    _git(repo, "add", "-A")
+    _git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "--quiet", "-m", message)
+
+
+def _new_repo(path: Path, *init_options: str) -> Path:
+    """A repository at path with one commit: README.md holding "first"."""
+    path.mkdir()
+    _git(path, "init", "--quiet", *init_options)
+    (path / "README.md").write_text("first\n")
+    _commit_all(path, "one")
+    return path
+
+
 @pytest.fixture
 def origin(tmp_path: Path) -> Path:
-    repo = tmp_path / "origin"
-    repo.mkdir()
-    _git(repo, "init", "--quiet", "--initial-branch=main")
-    (repo / "README.md").write_text("first\n")
-    _git(repo, "add", "-A")
-    _git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "--quiet", "-m", "one")
+    repo = _new_repo(tmp_path / "origin", "--initial-branch=main")
     _git(repo, "checkout", "--quiet", "-b", "feature")
     (repo / "feature.txt").write_text("on the branch\n")
-    _git(repo, "add", "-A")
-    _git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "--quiet", "-m", "two")
+    _commit_all(repo, "two")
     _git(repo, "checkout", "--quiet", "main")
     return repo
 
@@ -116,12 +124,16 @@ async def test_diff_on_host_of_no_change_is_empty(origin: Path, tmp_path: Path) 
     assert tuple(await diff_on_host(ws, base, no_scratch)) == ("", "")
 
 
+def _files_under(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
 async def test_a_borrowing_workspace_reads_the_source_and_writes_only_itself(
     origin: Path, tmp_path: Path
 ) -> None:
     ws = tmp_path / "ws"
     base = await checkout(ws, _spec(origin), borrow=True)
-    source_objects = sorted(p.name for p in (origin / ".git" / "objects").iterdir())
+    source_objects = _files_under(origin / ".git" / "objects")
 
     alternates = (ws / ".git" / "objects" / "info" / "alternates").read_text()
     assert alternates == f"{(origin / '.git' / 'objects').resolve()}\n"
@@ -130,19 +142,14 @@ async def test_a_borrowing_workspace_reads_the_source_and_writes_only_itself(
     (ws / "README.md").write_text("changed\n")
     _git(ws, "-c", "user.name=a", "-c", "user.email=a@a", "commit", "-qam", "agent")
     assert _git(ws, "rev-parse", "HEAD~1") == base
-    assert sorted(p.name for p in (origin / ".git" / "objects").iterdir()) == source_objects
+    assert _files_under(origin / ".git" / "objects") == source_objects
     _git(ws, "fsck", "--no-progress", "--no-dangling")  # raises unless every object is there
 
 
 async def test_a_workspace_borrowing_from_a_sha256_repository_has_its_object_format(
     tmp_path: Path,
 ) -> None:
-    source = tmp_path / "sha256"
-    source.mkdir()
-    _git(source, "init", "--quiet", "--object-format=sha256")
-    (source / "README.md").write_text("first\n")
-    _git(source, "add", "-A")
-    _git(source, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "--quiet", "-m", "one")
+    source = _new_repo(tmp_path / "sha256", "--object-format=sha256")
 
     commit = await checkout(tmp_path / "ws", _spec(source), borrow=True)
 
