@@ -392,6 +392,12 @@ class Child:
         self._log.close()
 
 
+def worker_processes_for(slots: int) -> int:
+    """One worker process per core, at most one per slot: a worker machine as
+    docs/operations.md says to run one (FORGELINE_WORKER_PROCESSES)."""
+    return max(1, min(os.cpu_count() or 1, slots))
+
+
 class Forgeline(Child):
     """Forgeline's roles in one process (`python -m bench.serve`), on the stack's servers."""
 
@@ -405,6 +411,7 @@ class Forgeline(Child):
         provisioner: str = "local",
         slots: int = 4,
         name: str = "forgeline",
+        worker_processes: int | None = None,
     ) -> None:
         self._profiler: subprocess.Popen[bytes] | None = None
         self.nats_url = nats_url
@@ -416,6 +423,7 @@ class Forgeline(Child):
             FORGELINE_PORT="0",
             FORGELINE_PROVISIONER=provisioner,
             FORGELINE_WORKER_SLOTS=str(slots),
+            FORGELINE_WORKER_PROCESSES=str(worker_processes or worker_processes_for(slots)),
             FORGELINE_WORKER_NAME=f"bench-{name}",
         )
         super().__init__(

@@ -35,6 +35,7 @@ from forgeline.startup import ALL_ROLES, StartupError
 from forgeline.store_integrity import ensure_store_integrity
 from forgeline.store_wakeups import StoreWakeups
 from forgeline.tracing import traced_asgi
+from forgeline.worker_processes import ExtraWorkerProcesses, own_slots
 from gateway import idempotency
 from gateway import keys as api_keys
 from gateway.app import create_app
@@ -231,6 +232,9 @@ async def run_services(
                 llm_proxy,
                 agents or default_agents(),
             )
+            if settings.worker_processes > 1:  # the slots shared with sibling processes
+                siblings = ExtraWorkerProcesses(settings, servers.nats_url, servers.database_url)
+                jobs.append(siblings.run(stop))
         if "gateway" in roles:
             pool = AsyncConnectionPool(servers.database_url, min_size=1, max_size=10, open=False)
             await pool.open()
@@ -323,7 +327,7 @@ async def _worker_jobs(
         agents,
         ExecutorSettings(
             worker=settings.worker_name,
-            slots=settings.worker_slots,
+            slots=own_slots(settings),
             max_attempts=settings.max_attempts,
             patch_max_bytes=settings.patch_max_bytes,
             shutdown_grace_s=settings.shutdown_grace_s,

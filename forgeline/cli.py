@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -127,28 +128,36 @@ def _up(args: argparse.Namespace, settings: Settings) -> int:
 
 async def _serve(settings: Settings, servers: Servers, roles: frozenset[str]) -> int:
     from forgeline.bootstrap import run_services
+    from forgeline.worker_processes import PARENT_PID_ENV, stop_when_parent_exits
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    parent = os.environ.get(PARENT_PID_ENV)  # an extra worker process of another one
+    watch = asyncio.create_task(stop_when_parent_exits(int(parent), stop)) if parent else None
 
     status: dict[str, str] = {}
     first_key: list[str] = []
 
     def ready(port: int) -> None:
-        _print_banner(settings, servers, roles, port, status, first_key)
+        if watch is None:  # the process that started an extra worker has shown its banner
+            _print_banner(settings, servers, roles, port, status, first_key)
 
-    await run_services(
-        settings,
-        servers,
-        stop,
-        roles,
-        on_ready=ready,
-        status=status,
-        progress=lambda line: print(line, file=sys.stderr, flush=True),
-        on_first_key=first_key.append,
-    )
+    try:
+        await run_services(
+            settings,
+            servers,
+            stop,
+            roles,
+            on_ready=ready,
+            status=status,
+            progress=lambda line: print(line, file=sys.stderr, flush=True),
+            on_first_key=first_key.append,
+        )
+    finally:
+        if watch is not None:
+            watch.cancel()
     print("forgeline: stopped cleanly", file=sys.stderr)
     return 0
 
@@ -183,7 +192,10 @@ def _print_banner(
     lines.append("  Postgres   " + ("embedded" if "postgres" in servers.embedded else "external"))
     workspaces = status.get("workspaces", "")
     if "worker" in roles:
-        lines.append(f"  workspaces {workspaces}, {settings.worker_slots} slot(s)")
+        slots = f"{settings.worker_slots} slot(s)"
+        if settings.worker_processes > 1:
+            slots += f" in {settings.worker_processes} worker processes"
+        lines.append(f"  workspaces {workspaces}, {slots}")
         if workspaces.startswith("local"):
             lines.append(
                 "  WARNING    local workspaces are NOT isolated: agents run as this user on this"

@@ -32,6 +32,7 @@ from broker.relay import published_position
 from domain.application import EVENTS_TABLE
 from forgeline.settings import Settings
 from forgeline.startup import StartupError
+from forgeline.worker_processes import own_slots
 from gateway.health import PROJECTOR_NAME
 from projections.schema import POSITIONS_TABLE
 
@@ -70,8 +71,9 @@ class RoleMetrics:
             out.append(
                 _gauge(
                     "forgeline_worker_slots",
-                    "Runs this worker executes at once (FORGELINE_WORKER_SLOTS).",
-                    self.settings.worker_slots,
+                    "Runs this worker process executes at once (its share of"
+                    " FORGELINE_WORKER_SLOTS).",
+                    own_slots(self.settings),
                 )
             )
         if not {"relay", "projector"} & self.roles:

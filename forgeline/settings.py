@@ -9,7 +9,7 @@ import socket
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -38,6 +38,9 @@ class Settings(BaseSettings):
 
     worker_name: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     worker_slots: int = Field(default=4, ge=1, le=256)
+    # Processes the worker's slots are spread over (forgeline/worker_processes.py): one event
+    # loop keeps one core busy at most; set it to the cores a worker machine has to spare.
+    worker_processes: int = Field(default=1, ge=1, le=64)
     # auto = docker when a Docker engine answers, else local (with a loud warning).
     provisioner: Literal["auto", "docker", "local"] = "auto"
     docker_url: str | None = None  # default: DOCKER_HOST or the local socket
@@ -131,6 +134,16 @@ class Settings(BaseSettings):
                 " without spaces, and random (make one with: openssl rand -base64 32)"
             )
         return value
+
+    @model_validator(mode="after")
+    def _a_slot_for_every_worker_process(self) -> Settings:
+        if self.worker_processes > self.worker_slots:
+            raise ValueError(
+                f"FORGELINE_WORKER_PROCESSES ({self.worker_processes}) is more than"
+                f" FORGELINE_WORKER_SLOTS ({self.worker_slots}): every worker process needs a"
+                " slot; raise the slots or lower the processes"
+            )
+        return self
 
     @field_validator("metrics_port", mode="before")
     @classmethod

@@ -5,6 +5,8 @@ agent that outlives it."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import subprocess
 import time
@@ -43,9 +45,7 @@ def spawn(own_nats: str, database_url: str, tmp_path: Path) -> Iterator[Any]:
             data_dir=str(tmp_path / "data"),
             provisioner="local",
             worker_name=name,
-            worker_slots="2",
-            run_ack_wait_s=str(LEASE_S),
-            **settings,
+            **{"worker_slots": "2", "run_ack_wait_s": str(LEASE_S), **settings},
         )
         log = (tmp_path / f"{name}.log").open("wb")
         logs.append(log)
@@ -161,3 +161,80 @@ async def test_sigterm_lets_a_short_run_finish_and_hands_a_long_one_back(
         assert 3.5 < took < 15, f"stopped after {took:.1f} s (grace 4 s)"
         assert event_types(database_url, stuck.run_id)[-1] == "RunRequeued"
         assert event_types(database_url, finishing.run_id).count("RunSucceeded") == 1
+
+
+def _siblings(pid: int) -> set[int]:
+    """The extra worker processes pid started (its other children are agents)."""
+    found: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            with contextlib.suppress(OSError):
+                argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+                if b"forgeline" in argv and b"worker" in argv:
+                    found.add(int(child))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+async def running_on_any(svc: Services, run_id: Any) -> Run:
+    async def running() -> Run | None:
+        run = await run_now(svc, run_id)
+        return run if run.status is RunStatus.RUNNING else None
+
+    run: Run = await eventually(running, timeout=30, message="the run to run")
+    return run
+
+
+async def test_worker_processes_share_the_slots_and_a_dead_one_is_started_again(
+    spawn: Any, own_nats: str, database_url: str, git_repo: Path, tmp_path: Path
+) -> None:
+    gate = tmp_path / "gate"
+    script = f"while [ ! -e {gate} ]; do sleep 0.05; done\necho done > done.txt\n"
+    async with services(
+        own_nats, database_url, tmp_path / "data", with_worker=False, run_ack_wait_s=LEASE_S
+    ) as svc:
+        main = spawn("pair", worker_processes="2")
+        first = await submit(svc, git_repo, script)
+        second = await submit(svc, git_repo, script)
+        # One slot in each process: the two runs run at once, one in each.
+        held = {(await running_on_any(svc, r.run_id)).worker for r in (first, second)}
+        assert held == {"pair", "pair-2"}
+        (sibling,) = _siblings(main.pid)
+
+        # The sibling dies: it is started again, and its run is recovered after the lease.
+        lost = first if (await run_now(svc, first.run_id)).worker == "pair-2" else second
+        os.kill(sibling, signal.SIGKILL)
+        await eventually(
+            lambda: len(_siblings(main.pid) - {sibling}) == 1,
+            timeout=15,
+            message="the worker process to be started again",
+        )
+        gate.touch()
+        for command in (first, second):
+            run = await finished(svc, command.run_id, timeout=LEASE_S + 30)
+            assert run.status is RunStatus.SUCCEEDED, run.error
+        assert (await run_now(svc, lost.run_id)).lost_count == 1
+
+        # SIGTERM stops the process and its sibling with it.
+        (restarted,) = _siblings(main.pid)
+        main.send_signal(signal.SIGTERM)
+        assert main.wait(30) == 0
+        await eventually(lambda: not _alive(restarted), timeout=15, message="the sibling to stop")
+
+
+async def test_an_extra_worker_process_stops_when_its_parent_dies(
+    spawn: Any, own_nats: str, database_url: str, tmp_path: Path
+) -> None:
+    main = spawn("orphan", worker_processes="2")
+    await eventually(lambda: len(_siblings(main.pid)) == 1, timeout=30, message="the sibling")
+    (sibling,) = _siblings(main.pid)
+    main.send_signal(signal.SIGKILL)
+    main.wait(10)
+    await eventually(lambda: not _alive(sibling), timeout=30, message="the orphan to stop")
