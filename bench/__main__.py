@@ -332,6 +332,12 @@ def main() -> int:
     parser.add_argument("--trials", type=int, help="repetitions of throughput runs (default 3)")
     parser.add_argument("--cases", default=",".join(CASES), help="e.g. 1,2,7 (default: all)")
     parser.add_argument("--slots", type=int, default=4, help="worker slots = Celery concurrency")
+    parser.add_argument(
+        "--worker-processes",
+        type=int,
+        default=0,
+        help="FORGELINE_WORKER_PROCESSES of every Forgeline (default: one per core, <= slots)",
+    )
     parser.add_argument("--drain", type=int, help="requests to drain (default 1000; quick 40)")
     parser.add_argument("--scale", type=int, help="requests in the store (default 100000)")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results")
@@ -371,7 +377,7 @@ def main() -> int:
     meta["command"] = " ".join(["python -m bench", *sys.argv[1:]])
     meta["config"] = cfg.__dict__
     started = time.monotonic()
-    with stack(keep=args.keep) as st:
+    with stack(keep=args.keep, worker_processes=args.worker_processes) as st:
         st.share_processes = cfg.quick
         if args.keep:
             print(f"bench: temp dir {st.workdir}", file=sys.stderr)

@@ -207,10 +207,11 @@ def rate_summary(per_second: Sequence[float]) -> dict[str, float]:
 class Stack:
     """A temp dir, one embedded Postgres, databases and nats-servers made on demand."""
 
-    def __init__(self, keep: bool = False) -> None:
+    def __init__(self, keep: bool = False, worker_processes: int = 0) -> None:
         self.workdir = Path(tempfile.mkdtemp(prefix="fl-bench-", dir="/tmp"))
         self.workdir.chmod(0o711)  # as root, Postgres runs as another user that must reach it
         self._keep = keep
+        self.worker_processes = worker_processes  # of every Forgeline; 0: worker_processes_for
         self._stops: list[Any] = []
         self._shared: dict[Any, tuple[Forgeline, str]] = {}
         self._case_nats: list[embedded.EmbeddedNats] = []
@@ -281,8 +282,8 @@ class Stack:
 
 
 @contextlib.contextmanager
-def stack(keep: bool = False) -> Iterator[Stack]:
-    s = Stack(keep)
+def stack(keep: bool = False, worker_processes: int = 0) -> Iterator[Stack]:
+    s = Stack(keep, worker_processes)
     try:
         yield s
     finally:
@@ -423,7 +424,11 @@ class Forgeline(Child):
             FORGELINE_PORT="0",
             FORGELINE_PROVISIONER=provisioner,
             FORGELINE_WORKER_SLOTS=str(slots),
-            FORGELINE_WORKER_PROCESSES=str(worker_processes or worker_processes_for(slots)),
+            FORGELINE_WORKER_PROCESSES=str(
+                min(
+                    slots, worker_processes or stack.worker_processes or worker_processes_for(slots)
+                )
+            ),
             FORGELINE_WORKER_NAME=f"bench-{name}",
         )
         super().__init__(
