@@ -395,7 +395,9 @@ class Child:
 
 def worker_processes_for(slots: int) -> int:
     """One worker process per core, at most one per slot: a worker machine as
-    docs/operations.md says to run one (FORGELINE_WORKER_PROCESSES)."""
+    docs/operations.md says to run one (FORGELINE_WORKER_PROCESSES). The cases that run
+    requests end to end (4, 5, 6) use it; cases 2 and 3 measure one process against a floor
+    in one process."""
     return max(1, min(os.cpu_count() or 1, slots))
 
 

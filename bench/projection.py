@@ -210,6 +210,7 @@ def run(st: Stack, cfg: Config, repo: Path) -> list[Row]:
         database_url=database_url,
         roles=("gateway", "worker", "projector"),
         name="projection",
+        worker_processes=st.worker_processes or 1,  # the case's one process (docs/benchmarks.md)
     )
     lags: list[float] = []
     batches: list[float] = []

@@ -187,8 +187,14 @@ def _floor(
 def run(st: Stack, cfg: Config, repo: Any) -> list[Row]:
     spec = RequestSpec(repo=str(repo), prompt="echo benchmark >> README.md\n")
     nats_url, database_url = st.nats("store"), st.database("store")
+    # One process, as its floor saves in one (--worker-processes changes it; docs/benchmarks.md).
     worker = Forgeline(
-        st, nats_url=nats_url, database_url=database_url, roles=("worker",), name="store-worker"
+        st,
+        nats_url=nats_url,
+        database_url=database_url,
+        roles=("worker",),
+        name="store-worker",
+        worker_processes=st.worker_processes or 1,
     )
     try:
         latencies, rates = asyncio.run(_forgeline(nats_url, database_url, spec, cfg))
