@@ -197,7 +197,8 @@ class Executor:
 
     async def _schedule(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            await self._slots.acquire()
+            if not await _slot_or_stop(self._slots, stop):
+                break  # every slot may stay busy for long: stopping must not wait for one
             run_id = None
             try:
                 if not self.breaker.is_open and not stop.is_set():
@@ -338,6 +339,26 @@ class _Slot:
         if self._slots is not None:
             self._slots.release()
             self._slots = None
+
+
+async def _slot_or_stop(slots: asyncio.Semaphore, stop: asyncio.Event) -> bool:
+    """Takes a slot (True), unless stop is set first (False, no slot taken)."""
+    if not slots.locked():
+        await slots.acquire()  # free now: no waiting, no helper tasks (the common case)
+        return True
+    acquiring = asyncio.ensure_future(slots.acquire())
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({acquiring, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+        if not acquiring.done():
+            acquiring.cancel()
+    if acquiring.done() and not acquiring.cancelled():
+        if not stop.is_set():
+            return True
+        slots.release()
+    return False
 
 
 async def _first_of(stop: asyncio.Event, work: asyncio.Event, timeout_s: float) -> None:

@@ -183,6 +183,28 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+async def test_sigterm_with_every_slot_busy_stops_within_the_grace(
+    spawn: Any, own_nats: str, database_url: str, git_repo: Path, tmp_path: Path
+) -> None:
+    # The agent never ends by itself: the slot it holds is never freed.
+    async with services(
+        own_nats, database_url, tmp_path / "data", with_worker=False, run_ack_wait_s=LEASE_S
+    ) as svc:
+        worker = spawn("full", worker_slots="1", shutdown_grace_s="2")
+        stuck = await submit(svc, git_repo, "sleep 600\n")
+        await running_on(svc, stuck.run_id, "full")
+
+        worker.send_signal(signal.SIGTERM)
+        began = time.monotonic()
+        assert worker.wait(30) == 0
+        took = time.monotonic() - began
+
+        assert took < 15, f"stopped after {took:.1f} s (grace 2 s)"
+        handed_back = await run_now(svc, stuck.run_id)
+        assert handed_back.status is RunStatus.QUEUED
+        assert handed_back.lost_count == 0
+
+
 async def running_on_any(svc: Services, run_id: Any) -> Run:
     async def running() -> Run | None:
         run = await run_now(svc, run_id)
