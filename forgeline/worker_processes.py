@@ -96,7 +96,6 @@ class ExtraWorkerProcesses:
         self._workers = extra_workers(settings)
         self._grace_s = settings.shutdown_grace_s
         self._nats_url, self._database_url = nats_url, database_url
-        self.pids: dict[str, int] = {}  # by name, while running
 
     async def run(self, stop: asyncio.Event) -> None:
         await asyncio.gather(*(self._keep_running(worker, stop) for worker in self._workers))
@@ -128,7 +127,6 @@ class ExtraWorkerProcesses:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "forgeline", "worker", env=env
         )
-        self.pids[worker.name] = proc.pid
         exited = asyncio.ensure_future(proc.wait())
         stopping = asyncio.ensure_future(stop.wait())
         try:
@@ -139,7 +137,6 @@ class ExtraWorkerProcesses:
             stopping.cancel()
             if not exited.done():  # stop, or this task cancelled: the process goes too
                 await asyncio.shield(self._stop(proc, exited))
-            self.pids.pop(worker.name, None)
         return None
 
     async def _stop(self, proc: asyncio.subprocess.Process, exited: asyncio.Future[int]) -> None:

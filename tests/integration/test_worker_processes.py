@@ -131,6 +131,20 @@ async def test_a_run_of_a_killed_worker_is_recovered_by_another(
         assert view is not None and view["attempt"] == 2
 
 
+def stop_cleanly(worker: subprocess.Popen[bytes]) -> float:
+    """SIGTERM; the seconds until the worker exited with 0."""
+    worker.send_signal(signal.SIGTERM)
+    began = time.monotonic()
+    assert worker.wait(30) == 0
+    return time.monotonic() - began
+
+
+async def handed_back_cleanly(svc: Services, run_id: Any) -> None:
+    run = await run_now(svc, run_id)
+    assert run.status is RunStatus.QUEUED
+    assert run.lost_count == 0, "a clean stop must not count as a lost worker"
+
+
 async def test_sigterm_lets_a_short_run_finish_and_hands_a_long_one_back(
     spawn: Any, own_nats: str, database_url: str, git_repo: Path, tmp_path: Path
 ) -> None:
@@ -147,17 +161,12 @@ async def test_sigterm_lets_a_short_run_finish_and_hands_a_long_one_back(
         await running_on(svc, stuck.run_id, "stopping")
 
         go.touch()
-        worker.send_signal(signal.SIGTERM)
-        began = time.monotonic()
-        assert worker.wait(30) == 0
-        took = time.monotonic() - began
+        took = stop_cleanly(worker)
 
         done = await run_now(svc, finishing.run_id)
         assert done.status is RunStatus.SUCCEEDED, done.error
         assert done.attempt == 1 and done.patch is not None
-        handed_back = await run_now(svc, stuck.run_id)
-        assert handed_back.status is RunStatus.QUEUED
-        assert handed_back.lost_count == 0, "a clean stop must not count as a lost worker"
+        await handed_back_cleanly(svc, stuck.run_id)
         assert 3.5 < took < 15, f"stopped after {took:.1f} s (grace 4 s)"
         assert event_types(database_url, stuck.run_id)[-1] == "RunRequeued"
         assert event_types(database_url, finishing.run_id).count("RunSucceeded") == 1
@@ -194,15 +203,10 @@ async def test_sigterm_with_every_slot_busy_stops_within_the_grace(
         stuck = await submit(svc, git_repo, "sleep 600\n")
         await running_on(svc, stuck.run_id, "full")
 
-        worker.send_signal(signal.SIGTERM)
-        began = time.monotonic()
-        assert worker.wait(30) == 0
-        took = time.monotonic() - began
+        took = stop_cleanly(worker)
 
         assert took < 15, f"stopped after {took:.1f} s (grace 2 s)"
-        handed_back = await run_now(svc, stuck.run_id)
-        assert handed_back.status is RunStatus.QUEUED
-        assert handed_back.lost_count == 0
+        await handed_back_cleanly(svc, stuck.run_id)
 
 
 async def running_on_any(svc: Services, run_id: Any) -> Run:
