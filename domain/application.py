@@ -6,11 +6,11 @@ environment the composition root passes in; nothing here does I/O by itself.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 from uuid import UUID
 
-from eventsourcing.application import Application
+from eventsourcing.application import Application, ProcessingEvent
 from eventsourcing.domain import DomainEventProtocol
 
 from domain.request import Request
@@ -31,6 +31,17 @@ class Forgeline(Application[UUID]):
         run: object = self.repository.get(run_id)
         assert isinstance(run, Run)
         return run
+
+    def save_events(self, events: Sequence[DomainEventProtocol[UUID]]) -> None:
+        """What save(*events) does with events already collected from their aggregates (one
+        transaction, this order), without its isinstance check of each against the library's
+        runtime-checkable protocols: ~10 us an event on Python 3.11, 7% of the command
+        handler's CPU when it saves a batch."""
+        processing_event = ProcessingEvent[UUID]()
+        processing_event.events.extend(events)
+        recordings = self._record(processing_event)
+        self._take_snapshots(processing_event)
+        self._notify(recordings)
 
 
 def event_type(event: DomainEventProtocol[Any]) -> str:

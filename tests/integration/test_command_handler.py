@@ -363,24 +363,24 @@ async def test_a_batch_that_loses_a_race_ends_with_every_command_applied_once(
         await publish_twice(js, command)
 
     other_writer = await in_thread(open_store, database_url)
-    real_save = store.save
+    real_save_events = store.save_events
     raced: list[int] = []
 
-    def save_after_a_rival(*objs: Any, **kwargs: Any) -> Any:
-        if not raced and len(objs) > 2:  # the batch's save, not a one-by-one one
+    def save_after_a_rival(events: Any) -> None:  # the batch's save (one by one: save)
+        if not raced:
             run = other_writer.get_run(first.run_id)
             run.start_provisioning("rival-worker")
             other_writer.save(run)
-            raced.append(len(objs))
-        return real_save(*objs, **kwargs)
+            raced.append(len(events))
+        real_save_events(events)
 
-    store.save = save_after_a_rival  # type: ignore[method-assign]
+    store.save_events = save_after_a_rival  # type: ignore[method-assign]
     try:
         async with command_handler(js, store):
             await handled(js)
             _, _, redelivered, _ = await consumer_state(js)
     finally:
-        store.save = real_save  # type: ignore[method-assign]
+        store.save_events = real_save_events  # type: ignore[method-assign]
         other_writer.close()
 
     assert raced, "the batch was never saved in one piece"
@@ -406,20 +406,20 @@ async def test_a_request_created_after_the_batch_looked_it_up_is_recorded_once(
     fails on the store's unique key and the commands go again one by one."""
     racing, others = submit_command(prompt="echo racing"), [submit_command() for _ in range(3)]
     other_writer = await in_thread(open_store, database_url)
-    real_save = store.save
+    real_save_events = store.save_events
     raced: list[int] = []
 
-    def save_after_a_rival(*objs: Any, **kwargs: Any) -> Any:
-        if not raced and len(objs) > 2:  # the batch's save, not a one-by-one one
+    def save_after_a_rival(events: Any) -> None:  # the batch's save (one by one: save)
+        if not raced:
             assert handle_commands(other_writer, [racing]) == [None]
-            raced.append(len(objs))
-        return real_save(*objs, **kwargs)
+            raced.append(len(events))
+        real_save_events(events)
 
-    store.save = save_after_a_rival  # type: ignore[method-assign]
+    store.save_events = save_after_a_rival  # type: ignore[method-assign]
     try:
         outcomes = await in_thread(handle_commands, store, [others[0], racing, *others[1:]])
     finally:
-        store.save = real_save  # type: ignore[method-assign]
+        store.save_events = real_save_events  # type: ignore[method-assign]
         other_writer.close()
 
     assert raced, "the batch was never saved in one piece"

@@ -250,3 +250,27 @@ def test_a_request_reloaded_from_the_store_equals_the_saved_request() -> None:
     assert loaded.labels == {"team": "core"}
     assert loaded.agent_options == {}
     assert app.get_run(second.id).base_run_id == first.id
+
+
+def test_events_saved_together_are_stored_in_the_order_given_and_reload_the_aggregates() -> None:
+    """save_events (the command handler's batch save) stores what save(*events) would."""
+    app = Forgeline(env={"PERSISTENCE_MODULE": "eventsourcing.popo"})
+    first_request, first_run = Request.submit(
+        request_id=uuid4(), run_id=uuid4(), spec=spec(), command_id="cmd-1"
+    )
+    second_request, second_run = Request.submit(
+        request_id=uuid4(), run_id=uuid4(), spec=spec(prompt="echo two"), command_id="cmd-2"
+    )
+    events = [
+        *first_request.collect_events(),
+        *first_run.collect_events(),
+        *second_request.collect_events(),
+        *second_run.collect_events(),
+    ]
+
+    app.save_events(events)
+
+    stored = [n.originator_id for n in app.recorder.select_notifications(start=1, limit=10)]
+    assert stored == [first_request.id, first_run.id, second_request.id, second_run.id]
+    assert app.get_request(second_request.id) == second_request
+    assert app.get_run(first_run.id) == first_run
