@@ -12,10 +12,12 @@ each run id first shows (so latencies carry up to 2 ms of polling on top).
 Floor, in a fresh database of the same Postgres: the same `Forgeline` application saving the
 same aggregates (Request.submit) directly from this process: `save(request, run)` one command
 at a time at the same fixed rate (latency), and `save(*aggs)` with `store_batch` requests per
-call (throughput). The library alone: without Forgeline's integrity triggers (hash chains,
-forgeline/store_integrity.py), which are measured separately (same saves, a store with them)
-and shown in the notes, so that the gap splits into what the triggers cost and what the
-command path costs.
+call (throughput). The library alone, as it ships: without Forgeline's integrity triggers
+(hash chains, forgeline/store_integrity.py), which cost, and with the library's own recorder,
+not Forgeline's (forgeline/store_recorder.py: the same inserts sent in binary), which gains.
+Both are measured apart (the same saves into a store with the triggers; into Forgeline's
+store as it runs, triggers and recorder) and shown in the notes, so that the gap splits into
+what the store as Forgeline configures it costs and what the command path costs.
 """
 
 from __future__ import annotations
@@ -29,15 +31,18 @@ from uuid import UUID
 
 import nats
 import psycopg
+from eventsourcing.persistence import InfrastructureFactory
 from nats.js import JetStreamContext
 
 from bench.common import Config, Forgeline, Row, Stack, latency_summary, rate_summary
 from bench.watch import PollingWatcher
 from broker import subjects
 from broker.commands import publish_command
+from domain.application import Forgeline as App
 from domain.commands import RequestSpec, SubmitRequest
 from domain.request import Request
 from forgeline.bootstrap import open_store
+from forgeline.settings import eventsourcing_env
 from forgeline.store_integrity import ensure_store_integrity
 
 CASE = "2 commit"
@@ -141,11 +146,25 @@ async def _backlog(
     return EVENTS_PER_SUBMIT * after_first / span if span > 0 else float("nan")
 
 
+def _library_store(database_url: str) -> App:
+    """The store with eventsourcing's own recorder (open_store chooses Forgeline's)."""
+    env = eventsourcing_env(database_url)
+    del env[InfrastructureFactory.APPLICATION_RECORDER_TOPIC]
+    return App(env=env)
+
+
 def _floor(
-    database_url: str, spec: RequestSpec, cfg: Config, *, triggers: bool = False
+    database_url: str,
+    spec: RequestSpec,
+    cfg: Config,
+    *,
+    triggers: bool = False,
+    forgeline_store: bool = False,
+    latency: bool = True,
 ) -> dict[str, Any]:
-    app = open_store(database_url)
-    if triggers:
+    """forgeline_store: the store as Forgeline opens it (its recorder, its triggers)."""
+    app = open_store(database_url) if forgeline_store else _library_store(database_url)
+    if triggers or forgeline_store:
         ensure_store_integrity(database_url)
 
     def aggregates() -> tuple[Any, Any]:
@@ -159,7 +178,7 @@ def _floor(
             app.save(*aggregates())
         latencies = []
         start = time.perf_counter()
-        for i in range(cfg.store_latency_count):
+        for i in range(cfg.store_latency_count if latency else 0):
             delay = start + i / cfg.store_rate - time.perf_counter()
             if delay > 0:
                 time.sleep(delay)
@@ -205,6 +224,10 @@ def run(st: Stack, cfg: Config, repo: Any) -> list[Row]:
     # The same saves into a store with Forgeline's integrity triggers (hash chains): what the
     # design adds to the library's floor before any command handling.
     with_triggers = _floor(st.database("store_floor_triggers"), spec, cfg, triggers=True)
+    # What Forgeline writes to: its recorder and its triggers (batched saves only).
+    as_forgeline = _floor(
+        st.database("store_floor_forgeline"), spec, cfg, forgeline_store=True, latency=False
+    )
     return [
         Row(
             case=CASE,
@@ -228,11 +251,13 @@ def run(st: Stack, cfg: Config, repo: Any) -> list[Row]:
             floor=rate_summary(floor["batched"]),
             note=f"floor one command a save: {floor['one_each']:.0f}/s; with integrity"
             f" triggers: batched {rate_summary(with_triggers['batched'])['p50']:.0f}/s,"
-            f" one a save {with_triggers['one_each']:.0f}/s",
+            f" one a save {with_triggers['one_each']:.0f}/s; Forgeline's store (its"
+            f" recorder + triggers): batched {rate_summary(as_forgeline['batched'])['p50']:.0f}/s",
             extra={
                 "floor_one_save_per_command_events_per_s": floor["one_each"],
                 "floor_with_triggers_batched": rate_summary(with_triggers["batched"]),
                 "floor_with_triggers_one_save_per_command": with_triggers["one_each"],
+                "floor_forgeline_store_batched": rate_summary(as_forgeline["batched"]),
             },
         ),
     ]

@@ -191,6 +191,8 @@ def eventsourcing_env(database_url: str, cipher_key: SecretStr | None = None) ->
     params = conninfo_to_dict(database_url)
     env = {
         "PERSISTENCE_MODULE": "eventsourcing.postgres",
+        # The library's recorder, inserting in binary (forgeline/store_recorder.py).
+        "APPLICATION_RECORDER_TOPIC": "forgeline.store_recorder:BinaryInsertRecorder",
         "POSTGRES_DBNAME": str(params.get("dbname") or "forgeline"),
         "POSTGRES_HOST": str(params.get("host") or "127.0.0.1"),
         "POSTGRES_PORT": str(params.get("port") or "5432"),
