@@ -6,9 +6,17 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
+import uuid
 from pathlib import Path
 
+import psycopg
+from psycopg import sql
+
+from domain.commands import RequestSpec
+from domain.request import Request
+from forgeline.bootstrap import open_store
 from forgeline.cluster import NatsNode
 from forgeline.embedded import EmbeddedPostgres, start_postgres
 from tests.faults import scenario
@@ -64,3 +72,45 @@ def test_crash_and_restart_postgres(faults_pg: EmbeddedPostgres, repo: Path, scr
     finally:
         nats.stop()
     scenario.verdict(report, plan)
+
+
+def test_a_store_whose_pooled_connections_all_died_saves_on_its_next_try(
+    faults_pg: EmbeddedPostgres,
+) -> None:
+    """Connections are not checked before each use (no pre-ping): one that Postgres dropped
+    fails its first use, the pool discards it and the library tries again (10 tries). With
+    every connection the pool can hold dropped by a crash of Postgres, the next save and read
+    still succeed, with the pool's maximum below those 10 tries."""
+    name = f"t_{uuid.uuid4().hex}"
+    with psycopg.connect(faults_pg.url("postgres"), autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    app = open_store(faults_pg.url(name))
+    try:
+        pool = app.recorder.datastore.pool
+        everyone_connected = threading.Barrier(pool.max_size)
+
+        def hold_a_connection() -> None:
+            with app.recorder.datastore.get_connection() as conn:
+                conn.execute("SELECT 1")
+                everyone_connected.wait(timeout=30)
+
+        holders = [threading.Thread(target=hold_a_connection) for _ in range(pool.max_size)]
+        for holder in holders:
+            holder.start()
+        for holder in holders:
+            holder.join()
+        assert pool.get_stats()["pool_size"] == pool.max_size  # all open, all idle now
+
+        _crash(faults_pg)
+        start_postgres(faults_pg.data_dir)
+
+        request, run = Request.submit(
+            request_id=uuid.uuid4(),
+            run_id=uuid.uuid4(),
+            spec=RequestSpec(repo="/srv/repo", prompt="echo hi"),
+            command_id="cmd-after-restart",
+        )
+        app.save(request, run)
+        assert app.get_run(run.id) == run
+    finally:
+        app.close()
