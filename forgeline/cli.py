@@ -19,6 +19,7 @@ from forgeline import client_commands, image_commands, keys_commands, store_comm
 from forgeline.logging_setup import configure_logging
 from forgeline.settings import Settings
 from forgeline.startup import ALL_ROLES
+from forgeline.worker_processes import PARENT_PID_ENV, stop_when_parent_exits
 
 if TYPE_CHECKING:
     from forgeline.bootstrap import Servers
@@ -35,7 +36,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"forgeline: invalid setting: {exc}", file=sys.stderr)
         return 2
-    _configure_logging(settings.log_level)
+    # An extra worker process (forgeline/worker_processes.py) shares its parent's stderr.
+    extra = os.environ.get(PARENT_PID_ENV)
+    _configure_logging(settings.log_level, settings.worker_name if extra else None)
     handler: Callable[[argparse.Namespace, Settings], int] = args.handler
     try:
         return handler(args, settings)
@@ -92,8 +95,8 @@ def _settings(args: argparse.Namespace) -> Settings:
     return Settings(**overrides)
 
 
-def _configure_logging(level: str) -> None:
-    configure_logging(level)  # text, or JSON lines with FORGELINE_LOG_FORMAT=json
+def _configure_logging(level: str, process: str | None = None) -> None:
+    configure_logging(level, process=process)  # text, or JSON with FORGELINE_LOG_FORMAT=json
 
 
 # Server commands import the whole system lazily: client commands start fast without it.
@@ -128,7 +131,6 @@ def _up(args: argparse.Namespace, settings: Settings) -> int:
 
 async def _serve(settings: Settings, servers: Servers, roles: frozenset[str]) -> int:
     from forgeline.bootstrap import run_services
-    from forgeline.worker_processes import PARENT_PID_ENV, stop_when_parent_exits
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -2,7 +2,9 @@
 
 A JSON line holds `ts` (UTC, ISO 8601), `level`, `logger`, `message`, `request_id` and `run_id`
 when the work being done is about them (handlers/log_context.py), and `exception` with the
-traceback when there is one.
+traceback when there is one. A process given a name (an extra worker process: it writes to
+the same stderr as the one that started it) says it on every line: `process` in JSON,
+`[name]` in text.
 """
 
 from __future__ import annotations
@@ -22,6 +24,10 @@ NOISY = ("nats", "httpx", "eventsourcing")
 
 
 class JsonFormatter(logging.Formatter):
+    def __init__(self, process: str | None = None) -> None:
+        super().__init__()
+        self._process = process
+
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, object] = {
             "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
@@ -29,6 +35,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        if self._process:
+            entry["process"] = self._process
         entry.update(log_context.current())
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
@@ -44,12 +52,22 @@ def log_format() -> str:
     return value
 
 
-def configure_logging(level: str, fmt: str | None = None, stream: IO[str] | None = None) -> None:
+def configure_logging(
+    level: str,
+    fmt: str | None = None,
+    stream: IO[str] | None = None,
+    *,
+    process: str | None = None,
+) -> None:
     """Configures the root logger once (as logging.basicConfig does): level, and text or JSON
-    (fmt, else FORGELINE_LOG_FORMAT) to stream (default stderr)."""
+    (fmt, else FORGELINE_LOG_FORMAT) to stream (default stderr); process: a name for every
+    line (see the module's doc)."""
     handler = logging.StreamHandler(stream or sys.stderr)
     if (fmt or log_format()) == "json":
-        handler.setFormatter(JsonFormatter())
+        handler.setFormatter(JsonFormatter(process))
+    elif process:
+        text = TEXT_FORMAT.replace("%(name)s", f"[{process.replace('%', '%%')}] %(name)s")
+        handler.setFormatter(logging.Formatter(text))
     else:
         handler.setFormatter(logging.Formatter(TEXT_FORMAT))
     logging.basicConfig(level=level.upper(), handlers=[handler])

@@ -81,6 +81,24 @@ def test_cli_writes_json_lines(tmp_path: Path) -> None:
     assert [line["message"] for line in lines] == ["up", "two\nlines"]
 
 
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_a_named_process_says_its_name_on_every_line(fmt: str) -> None:
+    """An extra worker process writes to its parent's stderr: its lines carry its name."""
+    code = (
+        "import logging; from forgeline.cli import _configure_logging;"
+        "_configure_logging('INFO', 'w-2'); logging.getLogger('forgeline').info('up')"
+    )
+    env = {**os.environ, "FORGELINE_LOG_FORMAT": fmt}
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    (line,) = done.stderr.splitlines()
+    if fmt == "json":
+        assert json.loads(line)["process"] == "w-2"
+    else:
+        assert line.endswith(" INFO [w-2] forgeline: up")
+
+
 async def test_run_logs_carry_request_and_run_ids(
     start: Start,  # noqa: F811
     git_repo: Path,

@@ -253,6 +253,9 @@ async def test_worker_processes_share_the_slots_and_a_dead_one_is_started_again(
         main.send_signal(signal.SIGTERM)
         assert main.wait(30) == 0
         await eventually(lambda: not _alive(restarted), timeout=15, message="the sibling to stop")
+    # Both write to one stderr: the sibling's lines say which process wrote them.
+    lines = (tmp_path / "pair.log").read_text().splitlines()
+    assert any(" [pair-2] " in line for line in lines), lines
 
 
 async def test_an_extra_worker_process_stops_when_its_parent_dies(
