@@ -227,8 +227,8 @@ async def _handle_and_settle(
             # (a task per message was 4% of the command handler's CPU).
             await settle(js, msg, outcome, retry, confirmed=False)
         else:
-            failed.append(settle(js, msg, outcome, retry, confirmed=False))
-    await asyncio.gather(*failed)
+            failed.append((msg, outcome))
+    await asyncio.gather(*(settle(js, m, o, retry, confirmed=False) for m, o in failed))
 
 
 async def _subscribe(

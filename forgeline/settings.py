@@ -202,13 +202,9 @@ def eventsourcing_env(database_url: str, cipher_key: SecretStr | None = None) ->
         # Writers queue on a table lock: give up after a while instead of hanging forever.
         "POSTGRES_LOCK_TIMEOUT": "10",
         "POSTGRES_IDLE_IN_TRANSACTION_SESSION_TIMEOUT": "15",
-        # No round trip to check a connection before each use (the pre-ping: 1.5-3 ms of CPU
-        # a run in a drain): a connection Postgres dropped (a restart) fails its first use,
-        # the pool discards it, and the library tries again, up to 10 times. At most 9
-        # connections (5 + 4), so a store whose every pooled connection died still gets a
-        # new one within those 10 tries (tests/faults/test_servers.py).
         "POSTGRES_POOL_SIZE": "5",
-        "POSTGRES_MAX_OVERFLOW": "4",
+        "POSTGRES_MAX_OVERFLOW": "10",
+        # Connections are checked when one fails, not before each use: forgeline/store_recorder.py.
         "POSTGRES_PRE_PING": "n",
     }
     key = cipher_key.get_secret_value() if cipher_key else os.environ.get(CIPHER_KEY_ENV, "")

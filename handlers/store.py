@@ -10,8 +10,9 @@ from typing import TypeVar
 from uuid import UUID
 
 import anyio
-from eventsourcing.persistence import IntegrityError
+from eventsourcing.persistence import IntegrityError, InterfaceError, OperationalError
 from eventsourcing.postgres import PostgresAggregateRecorder
+from eventsourcing.utils import retry
 from psycopg.sql import SQL, Identifier
 
 from domain.application import Forgeline
@@ -79,6 +80,7 @@ async def load_run(app: Forgeline, run_id: UUID) -> Run:
     return await anyio.to_thread.run_sync(app.get_run, run_id)
 
 
+@retry((InterfaceError, OperationalError), max_attempts=10, wait=0.2)  # as the library's reads
 def stored_ids(app: Forgeline, aggregate_ids: Sequence[UUID]) -> set[UUID]:
     """Which of these ids have events in the store: one indexed query on Postgres (the
     primary key starts with originator_id); per id on any other recorder (tests' in-memory)."""

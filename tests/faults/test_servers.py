@@ -78,9 +78,9 @@ def test_a_store_whose_pooled_connections_all_died_saves_on_its_next_try(
     faults_pg: EmbeddedPostgres,
 ) -> None:
     """Connections are not checked before each use (no pre-ping): one that Postgres dropped
-    fails its first use, the pool discards it and the library tries again (10 tries). With
-    every connection the pool can hold dropped by a crash of Postgres, the next save and read
-    still succeed, with the pool's maximum below those 10 tries."""
+    fails its first use; then the whole pool is checked before the library tries again (10
+    tries). With every connection the pool can hold (15, more than the tries) dropped by a
+    crash of Postgres, the next save and read still succeed."""
     name = f"t_{uuid.uuid4().hex}"
     with psycopg.connect(faults_pg.url("postgres"), autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
